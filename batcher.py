@@ -1,0 +1,165 @@
+"""Dynamic batching across concurrent requests, apart from any backend.
+
+Requests put their tokenized texts in a queue. One worker takes everything queued at that
+moment (a round), sorts it by length so that little padding is computed, cuts it into
+micro-batches by a token budget, runs each off the event loop, and routes every row back
+to its request in the caller's order. Texts that arrive while a round runs wait for the
+next round, so a request never waits longer than one round behind the ones before it.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from backends import Backend, Tokenized
+
+logger = logging.getLogger(__name__)
+
+
+class Overloaded(RuntimeError):
+    """The queue holds more texts than the server will take on; the caller should retry later."""
+
+
+@dataclass
+class Embedded:
+    """The answer to one request: rows in the caller's order, and what they cost."""
+
+    embeddings: np.ndarray
+    tokens: int
+    truncated: int
+    queue_seconds: float = 0.0
+    compute_seconds: float = 0.0
+
+
+@dataclass
+class _Request:
+    tokenized: list[Tokenized]
+    future: asyncio.Future
+    out: np.ndarray
+    remaining: int
+    enqueued: float = field(default_factory=time.perf_counter)
+    started: float | None = None
+    compute_seconds: float = 0.0
+
+
+def plan_batches(lengths: list[int], max_batch_tokens: int) -> list[list[int]]:
+    """Indices sorted longest first and cut so that rows x longest row stays within the budget.
+
+    A text longer than the budget on its own still gets a batch of its own.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i], reverse=True)
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for index in order:
+        width = lengths[current[0]] if current else lengths[index]
+        if current and (len(current) + 1) * width > max_batch_tokens:
+            batches.append(current)
+            current = []
+        current.append(index)
+    if current:
+        batches.append(current)
+    return batches
+
+
+class Batcher:
+    def __init__(self, backend: Backend, max_batch_tokens: int = 8192, max_queued_texts: int = 0):
+        self.backend = backend
+        self.max_batch_tokens = max_batch_tokens
+        self.max_queued_texts = max_queued_texts
+        self._pending: list[tuple[_Request, int]] = []
+        self._wakeup: asyncio.Event | None = None
+        self._worker: asyncio.Task | None = None
+        # One thread runs the model (its own intra-op threads use the cores); another tokenizes,
+        # so that tokenizing the next requests overlaps with the forward pass.
+        self._infer_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="infer")
+        self._tokenize_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize")
+
+    @property
+    def queued_texts(self) -> int:
+        return len(self._pending)
+
+    async def tokenize(self, texts: list[str]) -> list[Tokenized]:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._tokenize_pool, self.backend.tokenize, texts)
+
+    async def embed(self, texts: list[str]) -> Embedded:
+        if not texts:
+            return Embedded(np.zeros((0, self.backend.dimension), dtype=np.float32), 0, 0)
+        if self.max_queued_texts and len(self._pending) + len(texts) > self.max_queued_texts:
+            raise Overloaded(f"{len(self._pending)} texts are waiting; try again shortly")
+        tokenized = await self.tokenize(texts)
+        self._ensure_worker()
+        loop = asyncio.get_running_loop()
+        request = _Request(
+            tokenized=tokenized,
+            future=loop.create_future(),
+            out=np.empty((len(texts), self.backend.dimension), dtype=np.float32),
+            remaining=len(texts),
+        )
+        self._pending.extend((request, i) for i in range(len(texts)))
+        self._wakeup.set()
+        await request.future
+        now = time.perf_counter()
+        started = request.started or now
+        return Embedded(
+            embeddings=request.out,
+            tokens=sum(len(t.ids) for t in tokenized),
+            truncated=sum(t.truncated for t in tokenized),
+            queue_seconds=started - request.enqueued,
+            compute_seconds=request.compute_seconds,
+        )
+
+    def _ensure_worker(self) -> None:
+        if self._worker is None or self._worker.done():
+            self._wakeup = asyncio.Event()
+            self._worker = asyncio.get_running_loop().create_task(self._run(), name="batcher")
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            round_, self._pending = self._pending, []
+            # A request whose client went away has a cancelled future: its texts are not computed.
+            round_ = [(req, i) for req, i in round_ if not req.future.done()]
+            if not round_:
+                continue
+            lengths = [len(req.tokenized[i].ids) for req, i in round_]
+            for batch in plan_batches(lengths, self.max_batch_tokens):
+                items = [round_[k] for k in batch if not round_[k][0].future.done()]
+                if items:
+                    await self._run_batch(loop, items)
+
+    async def _run_batch(self, loop: asyncio.AbstractEventLoop, items: list[tuple[_Request, int]]) -> None:
+        started = time.perf_counter()
+        for req, _ in items:
+            if req.started is None:
+                req.started = started
+        ids = [req.tokenized[i].ids for req, i in items]
+        try:
+            vectors = await loop.run_in_executor(self._infer_pool, self.backend.embed, ids)
+        except Exception as exc:  # a backend failure fails the requests in this batch, not the worker
+            logger.exception("inference failed for a batch of %d texts", len(items))
+            for req, _ in items:
+                if not req.future.done():
+                    req.future.set_exception(exc)
+            return
+        elapsed = time.perf_counter() - started
+        share = elapsed / len(items)
+        for row, (req, i) in enumerate(items):
+            req.out[i] = vectors[row]
+            req.compute_seconds += share
+            req.remaining -= 1
+            if req.remaining == 0 and not req.future.done():
+                req.future.set_result(None)
+
+    def close(self) -> None:
+        if self._worker is not None:
+            self._worker.cancel()
+        self._infer_pool.shutdown(wait=False, cancel_futures=True)
+        self._tokenize_pool.shutdown(wait=False, cancel_futures=True)

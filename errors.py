@@ -1,0 +1,57 @@
+"""Typed request errors and the one place that turns them into statuses and JSON bodies."""
+from __future__ import annotations
+
+import logging
+from http import HTTPStatus
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from kserve.errors import InvalidInput
+
+from batcher import Overloaded
+
+logger = logging.getLogger(__name__)
+
+
+class BadRequest(InvalidInput):
+    """The body is not JSON, or carries nothing to embed (400)."""
+
+    status = HTTPStatus.BAD_REQUEST
+
+
+class Unprocessable(InvalidInput):
+    """JSON of the wrong shape; the message names the offending key or index (422)."""
+
+    status = HTTPStatus.UNPROCESSABLE_ENTITY
+
+
+class TooLarge(InvalidInput):
+    """The body, the number of texts or one text is above a configured limit (413)."""
+
+    status = HTTPStatus.REQUEST_ENTITY_TOO_LARGE
+
+
+RETRY_AFTER_SECONDS = 1
+
+
+def error_body(message: str) -> dict[str, str]:
+    return {"error": message}
+
+
+async def _request_error(_: Request, exc: BadRequest | Unprocessable | TooLarge) -> JSONResponse:
+    return JSONResponse(status_code=exc.status, content=error_body(exc.reason))
+
+
+async def _overloaded(_: Request, exc: Overloaded) -> JSONResponse:
+    return JSONResponse(
+        status_code=HTTPStatus.TOO_MANY_REQUESTS,
+        content=error_body(str(exc)),
+        headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
+    )
+
+
+def register_error_handlers(app: FastAPI) -> None:
+    """Our statuses; KServe's own handlers (InvalidInput 400, ModelNotFound 404, ...) stay for the rest."""
+    for cls in (BadRequest, Unprocessable, TooLarge):
+        app.add_exception_handler(cls, _request_error)
+    app.add_exception_handler(Overloaded, _overloaded)

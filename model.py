@@ -1,0 +1,139 @@
+"""The embedding model server: a kserve.Model for sentence-transformers, and its entry point.
+
+Request path: auth_middleware (API key) -> KServe V1/V2/gRPC or routes.py (legacy adapter)
+-> EmbeddingModel.preprocess (adapters: body -> texts) -> predict (batcher -> backend)
+-> postprocess (adapters: embeddings -> body).
+"""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the model is on disk; never reach for a hub
+
+import argparse
+import logging
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+from kserve import Model, ModelServer
+from kserve.errors import InvalidInput
+from kserve.protocol.infer_type import InferRequest, InferResponse
+
+from adapters import INPUT_NAME, OUTPUT_NAME, infer_response, texts_from_infer_request, texts_from_instances
+from backends import create_backend
+from batcher import Batcher, Embedded
+from settings import Settings, SettingsError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class EmbedRequest:
+    """What preprocess hands to predict: the texts, and how the caller wants the answer back."""
+
+    texts: list[str]
+    v2: bool
+    request_id: str | None = None
+
+
+@dataclass
+class EmbedResult:
+    request: EmbedRequest
+    embedded: Embedded
+
+
+class EmbeddingModel(Model):
+    def __init__(self, name: str, model_path: str, backend: str = "auto", precision: str = "auto",
+                 max_batch_tokens: int = 8192):
+        super().__init__(name)
+        self.model_path = model_path
+        self.backend_name = backend
+        self.precision = precision
+        self.max_batch_tokens = max_batch_tokens
+        self.backend = None
+        self.batcher: Batcher | None = None
+
+    def load(self) -> bool:
+        self.backend = create_backend(self.model_path, backend=self.backend_name, precision=self.precision)
+        self.batcher = Batcher(self.backend, max_batch_tokens=self.max_batch_tokens)
+        logger.info("Loaded %s from %s with backend %s (%d dims, %d tokens max)", self.name, self.model_path,
+                    self.backend.name, self.backend.dimension, self.backend.max_seq_length)
+        self.ready = True
+        return self.ready
+
+    def stop(self) -> None:
+        if self.batcher is not None:
+            self.batcher.close()
+        self.ready = False
+
+    def validate(self, payload: Any) -> Any:
+        return payload  # preprocess has validated it already
+
+    async def get_input_types(self) -> list[dict]:
+        return [{"name": INPUT_NAME, "datatype": "BYTES", "shape": [-1]}]
+
+    async def get_output_types(self) -> list[dict]:
+        return [{"name": OUTPUT_NAME, "datatype": "FP32", "shape": [-1, self.backend.dimension]}]
+
+    async def preprocess(self, payload: dict | InferRequest, headers: dict[str, str] | None = None) -> EmbedRequest:
+        if isinstance(payload, InferRequest):
+            return EmbedRequest(texts_from_infer_request(payload), v2=True, request_id=payload.id)
+        return EmbedRequest(texts_from_instances(payload), v2=False)
+
+    async def predict(self, payload: EmbedRequest, headers: dict[str, str] | None = None) -> EmbedResult:
+        if not isinstance(payload, EmbedRequest):
+            raise InvalidInput("predict expects the output of preprocess")
+        return EmbedResult(payload, await self.batcher.embed(payload.texts))
+
+    async def postprocess(self, result: EmbedResult, headers: dict[str, str] | None = None) -> dict | InferResponse:
+        embeddings = result.embedded.embeddings
+        if result.request.v2:
+            return infer_response(self.name, result.request.request_id, embeddings)
+        return {"predictions": embeddings}
+
+    async def embed(self, texts: list[str]) -> Embedded:
+        """For adapters that hold texts already (OpenAI): the same batcher and backend as every route."""
+        return await self.batcher.embed(texts)
+
+
+def build_parser(settings: Settings) -> argparse.ArgumentParser:
+    from kserve.model_server import parser as kserve_parser
+
+    parser = argparse.ArgumentParser(parents=[kserve_parser], description=__doc__.splitlines()[0])
+    parser.add_argument("--model_path", default=settings.model_path,
+                        help="A sentence-transformers model directory (env MODEL_PATH)")
+    parser.add_argument("--backend", default=settings.backend, choices=("auto", "torch", "onnx", "openvino"))
+    parser.add_argument("--precision", default=settings.precision, choices=("auto", "fp32", "bf16"))
+    parser.set_defaults(http_port=settings.http_port, grpc_port=settings.grpc_port, model_name=settings.model_name)
+    return parser
+
+
+def print_generated_key_banner(key: str) -> None:
+    """The seed's warning, printed once so that a local user can copy the key."""
+    print("⚠️  WARNING: No API_KEY environment variable set!", flush=True)
+    print(f"🔑 Generated API Key: {key}", flush=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        settings = Settings.from_env()
+    except SettingsError as exc:
+        sys.exit(f"Configuration error: {exc}")
+    args = build_parser(settings).parse_args(argv)
+    if args.workers != 1:
+        sys.exit("--workers must be 1: the batcher gathers all requests of one process; scale with replicas")
+    if settings.api_key_generated:
+        print_generated_key_banner(settings.api_keys[0])
+
+    from server import create_server
+
+    model = EmbeddingModel(args.model_name, args.model_path, backend=args.backend, precision=args.precision,
+                           max_batch_tokens=settings.max_batch_tokens)
+    model.load()
+    server: ModelServer = create_server(model, settings, args)
+    server.start([model])
+
+
+if __name__ == "__main__":
+    main()

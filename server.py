@@ -1,0 +1,72 @@
+"""Wires the model into KServe's ModelServer: our routes, middleware and error handlers on its FastAPI app,
+and its gRPC server with the API-key interceptor."""
+from __future__ import annotations
+
+import argparse
+import logging
+from concurrent import futures
+
+from grpc import aio
+from kserve import Model, ModelServer
+from kserve.model_server import app
+from kserve.protocol.grpc import grpc_predict_v2_pb2_grpc
+from kserve.protocol.grpc.interceptors import ExceptionToStatusInterceptor, LoggingInterceptor
+from kserve.protocol.grpc.server import GRPCServer
+from kserve.protocol.grpc.servicer import InferenceServicer
+from starlette.middleware.cors import CORSMiddleware
+
+from auth_middleware import ApiKeyMiddleware, GrpcApiKeyInterceptor
+from errors import register_error_handlers
+from routes import register_legacy_routes
+from settings import Settings
+
+logger = logging.getLogger(__name__)
+
+CORS_METHODS = ["OPTIONS", "POST", "GET"]
+CORS_HEADERS = ["Content-Type", "X-Api-Key", "Authorization"]
+
+
+class AuthGRPCServer(GRPCServer):
+    """KServe's gRPC V2 server with the API-key interceptor in front of its own two."""
+
+    def __init__(self, *args, keys: tuple[str, ...], **kwargs):
+        super().__init__(*args, **kwargs)
+        self._keys = keys
+
+    async def start(self, max_workers: int) -> None:
+        self._server = aio.server(
+            futures.ThreadPoolExecutor(max_workers=max_workers),
+            interceptors=(GrpcApiKeyInterceptor(self._keys), LoggingInterceptor(), ExceptionToStatusInterceptor()),
+            options=[
+                ("grpc.max_send_message_length", self._kwargs.get("grpc_max_send_message_length")),
+                ("grpc.max_receive_message_length", self._kwargs.get("grpc_max_receive_message_length")),
+            ],
+        )
+        servicer = InferenceServicer(self._data_plane, self._model_repository_extension)
+        grpc_predict_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, self._server)
+        self._server.add_insecure_port(f"[::]:{self._port}")
+        logger.info("Starting gRPC server on port %d (API key required)", self._port)
+        await self._server.start()
+        await self._server.wait_for_termination()
+
+
+def create_server(model: Model, settings: Settings, args: argparse.Namespace) -> ModelServer:
+    server = ModelServer(
+        http_port=args.http_port,
+        grpc_port=args.grpc_port,
+        workers=1,
+        enable_grpc=False,  # ours below, with auth
+        enable_docs_url=args.enable_docs_url,
+    )
+    register_legacy_routes(app, server.dataplane, model.name, settings)
+    register_error_handlers(app)
+    # Added last is outermost: CORS answers preflights before the key is checked.
+    app.add_middleware(ApiKeyMiddleware, keys=settings.api_keys)
+    app.add_middleware(CORSMiddleware, allow_origins=["*"], allow_methods=CORS_METHODS, allow_headers=CORS_HEADERS)
+    if args.enable_grpc:
+        grpc_server = AuthGRPCServer(args.grpc_port, server.dataplane, server.model_repository_extension,
+                                     kwargs=vars(args), grace_period=server.grace_period, keys=settings.api_keys)
+        # ModelServer.start gathers everything in `servers`; `_grpc_server` is what its stop() shuts down.
+        server.servers.append(grpc_server.start(args.max_threads))
+        server._grpc_server = grpc_server
+    return server

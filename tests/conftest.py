@@ -1,0 +1,128 @@
+"""Fixtures that start the real server as a subprocess on free loopback ports and the reference model."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+MODEL_NAME = "all-MiniLM-L6-v2"
+TEST_KEY = "test-key-7f3a9c"
+START_TIMEOUT = 240
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class RunningServer:
+    process: subprocess.Popen
+    http_port: int
+    grpc_port: int
+    key: str | None
+    log_path: Path
+    env: dict = field(default_factory=dict)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    @property
+    def grpc_target(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def headers(self, **extra: str) -> dict[str, str]:
+        return {"X-Api-Key": self.key or "", "Content-Type": "application/json", **extra}
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=40)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+
+def start_server(tmp_dir: Path, env: dict[str, str] | None = None, args: list[str] | None = None,
+                 command: list[str] | None = None, key: str | None = TEST_KEY,
+                 port_flag: bool = False) -> RunningServer:
+    """Start `python model.py` (or `command`) and wait until /health answers 200.
+
+    With port_flag, the port is given as KServe's --http_port flag and PORT names another one.
+    """
+    http_port, grpc_port = free_port(), free_port()
+    args = list(args or [])
+    if port_flag:
+        args += ["--http_port", str(http_port)]
+    full_env = {k: v for k, v in os.environ.items() if k not in ("API_KEY", "API_KEYS", "API_KEY_FILE")}
+    full_env.update({"PORT": str(free_port() if port_flag else http_port), "GRPC_PORT": str(grpc_port), "HF_HUB_OFFLINE": "1",
+                     "PYTHONUNBUFFERED": "1"})
+    if key is not None:
+        full_env["API_KEY"] = key
+    full_env.update(env or {})
+    log_path = tmp_dir / f"server-{http_port}.log"
+    cmd = command or [sys.executable, "model.py", *args]
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=log, stderr=subprocess.STDOUT)
+    server = RunningServer(process, http_port, grpc_port, key, log_path, full_env)
+    deadline = time.monotonic() + START_TIMEOUT
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode}:\n{server.log()[-4000:]}")
+        try:
+            if requests.get(f"{server.url}/health", timeout=2).status_code == 200:
+                return server
+        except requests.ConnectionError:
+            pass
+        time.sleep(0.5)
+    server.stop()
+    raise RuntimeError(f"server not healthy after {START_TIMEOUT}s:\n{server.log()[-4000:]}")
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory) -> Iterator[RunningServer]:
+    """The exact path: torch fp32, so that every route can be held to cosine >= 0.99999."""
+    running = start_server(tmp_path_factory.mktemp("server"), env={"BACKEND": "torch", "PRECISION": "fp32"})
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="session")
+def model_path() -> str:
+    from settings import default_model_path
+
+    return default_model_path()
+
+
+@pytest.fixture(scope="session")
+def reference(model_path):
+    """sentence-transformers' own encode, fp32: the output every route must match."""
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(model_path, device="cpu")
+    return lambda texts: model.encode(list(texts), convert_to_numpy=True)
+
+
+def cosines(a, b) -> np.ndarray:
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    return (a * b).sum(axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
