@@ -63,7 +63,7 @@ def parse_legacy(body: Any) -> tuple[list[str] | None, list[str]]:
 
 def embedding_string(row: np.ndarray) -> str:
     """One embedding as the legacy service wrote it: str() of a list of floats."""
-    return orjson.dumps(row.astype(np.float64), option=orjson.OPT_SERIALIZE_NUMPY).decode().replace(",", ", ")
+    return str(row.tolist())
 
 
 def legacy_response(ids: list[str] | None, embeddings: np.ndarray) -> dict[str, Any]:

@@ -1,0 +1,93 @@
+"""The pure adapters between wire formats and texts/embeddings."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from kserve.protocol.infer_type import InferInput, InferRequest
+
+from adapters import (embedding_string, infer_response, legacy_response, parse_json, parse_legacy,
+                      texts_from_infer_request, texts_from_instances)
+from errors import BadRequest, Unprocessable
+
+
+@pytest.mark.parametrize("body", [b"", b"   ", b"{", b"nope", b"\xff\xfe"])
+def test_parse_json_rejects_empty_and_broken_bodies(body):
+    with pytest.raises(BadRequest):
+        parse_json(body)
+
+
+def test_parse_legacy_id_map_keeps_order():
+    ids, texts = parse_legacy({"b": "two", "a": "one", "c": ""})
+    assert ids == ["b", "a", "c"] and texts == ["two", "one", ""]
+
+
+def test_parse_legacy_instances():
+    assert parse_legacy({"instances": ["x", "y"]}) == (None, ["x", "y"])
+
+
+@pytest.mark.parametrize("body,error,words", [
+    ({}, BadRequest, "No texts"),
+    ([], Unprocessable, "JSON object"),
+    ("text", Unprocessable, "JSON object"),
+    ({"a": "ok", "b": None}, Unprocessable, "'b'"),
+    ({"a": ["x"]}, Unprocessable, "'a'"),
+    ({"instances": "x"}, Unprocessable, "'instances'"),
+    ({"instances": ["x", 1]}, Unprocessable, "'instances[1]'"),
+])
+def test_parse_legacy_errors_name_the_culprit(body, error, words):
+    with pytest.raises(error) as caught:
+        parse_legacy(body)
+    assert words in caught.value.reason
+
+
+def test_texts_from_instances_accepts_raw_json_bytes():
+    assert texts_from_instances(b'{"instances": ["a"]}') == ["a"]
+    with pytest.raises(Unprocessable):
+        texts_from_instances({"inputs": ["a"]})
+
+
+def test_embedding_string_is_the_legacy_format():
+    row = np.array([-0.010852468200027943, 0.5, 1e-8], dtype=np.float32)
+    text = embedding_string(row)
+    assert text.startswith("[") and ", " in text
+    assert text == str(row.tolist())
+    np.testing.assert_array_equal(np.array(json.loads(text), dtype=np.float32), row)
+
+
+def test_legacy_response_shapes():
+    vectors = np.eye(2, dtype=np.float32)
+    assert list(legacy_response(["q", "p"], vectors)) == ["q", "p"]
+    assert legacy_response(None, vectors)["predictions"] is vectors
+
+
+def v2_request(data, shape, datatype="BYTES", n_inputs=1) -> InferRequest:
+    inputs = [InferInput(name="text", shape=shape, datatype=datatype, data=data) for _ in range(n_inputs)]
+    return InferRequest(model_name="m", infer_inputs=inputs)
+
+
+def test_texts_from_infer_request_shapes_and_bytes():
+    assert texts_from_infer_request(v2_request(["a", "b"], [2])) == ["a", "b"]
+    assert texts_from_infer_request(v2_request([["a"], ["b"]], [2, 1])) == ["a", "b"]
+    assert texts_from_infer_request(v2_request([b"caf\xc3\xa9"], [1])) == ["café"]
+
+
+@pytest.mark.parametrize("request_,words", [
+    (v2_request(["a"], [1], n_inputs=2), "exactly one"),
+    (v2_request([1.0], [1], datatype="FP32"), "BYTES"),
+    (v2_request(["a", "b"], [1, 2]), "shape"),
+    (v2_request(["a", "b"], [3]), "elements"),
+    (v2_request([b"\xff"], [1]), "UTF-8"),
+])
+def test_texts_from_infer_request_errors(request_, words):
+    with pytest.raises(Unprocessable) as caught:
+        texts_from_infer_request(request_)
+    assert words in caught.value.reason
+
+
+def test_infer_response_is_fp32_n_by_dim():
+    response = infer_response("m", "id-1", np.ones((3, 4), dtype=np.float32))
+    output = response.outputs[0]
+    assert (output.name, output.datatype, output.shape) == ("embedding", "FP32", [3, 4])
+    assert response.id == "id-1"

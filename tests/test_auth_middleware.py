@@ -1,0 +1,210 @@
+"""The API key: the middleware alone around a trivial app, then every route of the real server."""
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+
+import httpx
+import pytest
+import requests
+from starlette.responses import PlainTextResponse
+
+from auth_middleware import INVALID_KEY_BODY, MISSING_KEY_BODY, ApiKeyMiddleware, KeyChecker, is_public, presented_key
+from conftest import MODEL_NAME, ROOT, TEST_KEY
+
+KEYS = ("first-key", "second-key")
+
+
+async def hello(scope, receive, send):
+    await PlainTextResponse("reached")(scope, receive, send)
+
+
+def call(method: str, path: str, headers: dict[str, str] | None = None) -> httpx.Response:
+    async def go():
+        transport = httpx.ASGITransport(app=ApiKeyMiddleware(hello, keys=KEYS))
+        async with httpx.AsyncClient(transport=transport) as client:
+            return await client.request(method, httpx.URL("http://test" + path), headers=headers)
+
+    import asyncio
+
+    return asyncio.run(go())
+
+
+@pytest.mark.parametrize("headers,status", [
+    ({}, 401),
+    ({"X-Api-Key": ""}, 401),
+    ({"Authorization": "Bearer"}, 401),
+    ({"Authorization": "Bearer "}, 401),
+    ({"Authorization": "Basic Zmlyc3Qta2V5"}, 401),
+    ({"X-Api-Key": "wrong"}, 403),
+    ({"X-Api-Key": "first-key-and-more"}, 403),
+    ({"X-Api-Key": "first-ke"}, 403),
+    ({"X-Api-Key": "FIRST-KEY"}, 403),
+    ({"Authorization": "Bearer wrong"}, 403),
+    ({"X-Api-Key": "first-key"}, 200),
+    ({"X-Api-Key": "second-key"}, 200),
+    ({"Authorization": "Bearer first-key"}, 200),
+    ({"Authorization": "bearer second-key"}, 200),
+    ({"X-Api-Key": "wrong", "Authorization": "Bearer first-key"}, 403),
+])
+def test_protected_route(headers, status):
+    response = call("POST", "/embedding", headers)
+    assert response.status_code == status
+    if status == 401:
+        assert response.json() == MISSING_KEY_BODY
+    elif status == 403:
+        assert response.json() == INVALID_KEY_BODY
+    else:
+        assert response.text == "reached"
+
+
+@pytest.mark.parametrize("method,path,public", [
+    ("GET", "/health", True),
+    ("HEAD", "/health", True),
+    ("GET", "/api-key-info", True),
+    ("GET", "/v2/health/ready", True),
+    ("GET", f"/v1/models/{MODEL_NAME}", True),
+    ("GET", f"/v2/models/{MODEL_NAME}/ready", True),
+    ("POST", "/health", False),
+    ("GET", "/health/", False),
+    ("GET", "//health", False),
+    ("GET", "/HEALTH", False),
+    ("GET", f"/v1/models/{MODEL_NAME}:predict", False),
+    ("POST", f"/v1/models/{MODEL_NAME}:predict", False),
+    ("GET", f"/v2/models/{MODEL_NAME}", False),
+    ("POST", "/embedding", False),
+    ("OPTIONS", "/embedding", False),
+    ("GET", "/anything-new", False),
+])
+def test_public_list_is_exact(method, path, public):
+    assert is_public(method, path) is public
+    assert call(method, path).status_code == (200 if public else 401)
+
+
+def test_presented_key():
+    assert presented_key(" k ", None) == "k"
+    assert presented_key(None, "Bearer  k ") == "k"
+    assert presented_key(None, "Token k") is None
+    assert presented_key(None, None) is None
+
+
+def test_key_checker_needs_a_key():
+    with pytest.raises(ValueError):
+        KeyChecker(["", ""])
+    assert KeyChecker(["a"]).check("a") == 200
+
+
+# --- The real server -------------------------------------------------------------------------------------------
+
+PROTECTED = [
+    ("POST", "/embedding", {"id1": "Hello world"}),
+    ("POST", f"/v1/models/{MODEL_NAME}:predict", {"instances": ["Hello world"]}),
+    ("POST", f"/v2/models/{MODEL_NAME}/infer",
+     {"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": ["Hello world"]}]}),
+]
+
+
+@pytest.mark.parametrize("method,path,body", PROTECTED)
+@pytest.mark.parametrize("auth,status", [
+    ({}, 401),
+    ({"X-Api-Key": "wrong-key"}, 403),
+    ({"X-Api-Key": TEST_KEY}, 200),
+    ({"Authorization": f"Bearer {TEST_KEY}"}, 200),
+])
+def test_route_key_matrix(server, method, path, body, auth, status):
+    response = requests.request(method, server.url + path, json=body, headers=auth, timeout=60)
+    assert response.status_code == status, response.text
+    if status == 401:
+        assert response.json() == MISSING_KEY_BODY
+    elif status == 403:
+        assert response.json() == INVALID_KEY_BODY
+    assert TEST_KEY not in response.text
+
+
+ROUTES_SCRIPT = """
+import json, sys
+from kserve.model_server import app
+from kserve.protocol.rest.server import RESTServer
+from model import EmbeddingModel, build_parser
+from server import create_server
+from settings import Settings
+
+settings = Settings.from_env({"API_KEY": "x"})
+args = build_parser(settings).parse_args([])
+model = EmbeddingModel(settings.model_name, settings.model_path)  # the route table needs no weights
+server = create_server(model, settings, args)
+server.register_model(model)
+RESTServer("kserve.model_server:app", server.dataplane, server.model_repository_extension, 0).create_application()
+
+
+def walk(routes, prefix=""):
+    for route in routes:
+        if hasattr(route, "original_router"):  # FastAPI's record of an included router
+            yield from walk(route.original_router.routes, prefix + route.include_context.prefix)
+        else:
+            yield [prefix + route.path, sorted(getattr(route, "methods", None) or ["GET"])]
+
+
+json.dump(list(walk(app.routes)), sys.stdout)
+"""
+
+
+def application_routes() -> list[tuple[str, str]]:
+    """Every (method, path template) the server's app holds, built the way the server builds it."""
+    out = subprocess.run([sys.executable, "-c", ROUTES_SCRIPT], cwd=ROOT, capture_output=True, text=True,
+                         check=True, timeout=120).stdout
+    return [(method, path) for path, methods in json.loads(out) for method in methods]
+
+
+def concrete(path: str) -> str:
+    path = path.replace("{model_name}", MODEL_NAME).replace("{model_version}", "1")
+    return re.sub(r"\{[^}]+\}", "x", path)
+
+
+def test_every_route_outside_the_public_list_needs_a_key(server):
+    routes = application_routes()
+    paths = {path for _, path in routes}
+    assert "/embedding" in paths and "/v1/models/{model_name}:predict" in paths and "/v2/models/{model_name}/infer" in paths
+    checked = 0
+    for method, template in routes:
+        path = concrete(template)
+        url = server.url + path
+        anonymous = requests.request(method, url, timeout=60)
+        if is_public(method, path):
+            assert anonymous.status_code not in (401, 403), (method, template)
+            continue
+        wrong = requests.request(method, url, headers={"X-Api-Key": "wrong"}, timeout=60)
+        assert (anonymous.status_code, wrong.status_code) == (401, 403), (method, template)
+        checked += 1
+    assert checked >= 10
+    assert requests.get(f"{server.url}/v1/models/{MODEL_NAME}", timeout=10).status_code == 200  # nothing unloaded
+
+
+# --- CORS --------------------------------------------------------------------------------------------------------
+
+def test_browser_preflight_succeeds_without_a_key(server):
+    response = requests.options(f"{server.url}/embedding", timeout=10, headers={
+        "Origin": "https://app.example", "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "content-type, x-api-key"})
+    assert response.status_code == 200
+    assert response.headers["access-control-allow-origin"] == "*"
+    methods = {m.strip() for m in response.headers["access-control-allow-methods"].split(",")}
+    assert {"OPTIONS", "POST", "GET"} <= methods
+    allowed = {h.strip().lower() for h in response.headers["access-control-allow-headers"].split(",")}
+    assert {"content-type", "x-api-key", "authorization"} <= allowed
+
+
+def test_cors_headers_on_answers_and_on_auth_errors(server):
+    origin = {"Origin": "https://app.example"}
+    ok = requests.post(f"{server.url}/embedding", json={"a": "b"}, headers={**origin, "X-Api-Key": TEST_KEY},
+                       timeout=30)
+    denied = requests.post(f"{server.url}/embedding", json={"a": "b"}, headers=origin, timeout=30)
+    assert (ok.status_code, denied.status_code) == (200, 401)
+    assert ok.headers["access-control-allow-origin"] == "*"
+    assert denied.headers["access-control-allow-origin"] == "*"
+
+
+def test_options_without_preflight_headers_needs_a_key(server):
+    assert requests.options(f"{server.url}/embedding", timeout=10).status_code == 401

@@ -1,0 +1,44 @@
+"""Settings are read once, validated, and never show a key."""
+from __future__ import annotations
+
+import pytest
+
+from settings import DEFAULT_MODEL_NAME, Settings, SettingsError, read_api_keys
+
+
+def test_defaults_generate_a_strong_key():
+    settings = Settings.from_env({})
+    assert settings.api_key_generated and len(settings.api_keys) == 1 and len(settings.api_keys[0]) >= 32
+    assert Settings.from_env({}).api_keys != settings.api_keys
+    assert (settings.http_port, settings.grpc_port, settings.model_name) == (8080, 8081, DEFAULT_MODEL_NAME)
+    assert settings.show_api_key_info is False
+    assert settings.model_path.endswith("model")
+
+
+def test_port_and_names_from_the_environment():
+    settings = Settings.from_env({"PORT": "10000", "MODEL_NAME": "minilm", "SHOW_API_KEY_INFO": "true", "API_KEY": "k"})
+    assert (settings.http_port, settings.model_name, settings.show_api_key_info) == (10000, "minilm", True)
+    assert settings.api_keys == ("k",) and not settings.api_key_generated
+
+
+def test_keys_from_every_source_without_duplicates(tmp_path):
+    key_file = tmp_path / "keys"
+    key_file.write_text("file-key\n\n  b \n")
+    keys = read_api_keys({"API_KEY": " a ", "API_KEYS": "b,c,,a", "API_KEY_FILE": str(key_file)})
+    assert keys == ("a", "b", "c", "file-key")
+
+
+@pytest.mark.parametrize("env,name", [
+    ({"PORT": "eighty"}, "PORT"),
+    ({"PORT": "0"}, "PORT"),
+    ({"SHOW_API_KEY_INFO": "maybe"}, "SHOW_API_KEY_INFO"),
+    ({"BACKEND": "gpu"}, "BACKEND"),
+    ({"API_KEY_FILE": "/no/such/file"}, "API_KEY_FILE"),
+])
+def test_bad_values_name_the_setting(env, name):
+    with pytest.raises(SettingsError, match=name):
+        Settings.from_env({"API_KEY": "k", **env})
+
+
+def test_repr_hides_keys():
+    assert "secret-value" not in repr(Settings.from_env({"API_KEY": "secret-value"}))
