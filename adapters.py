@@ -1,16 +1,23 @@
 """Pure adapters between the wire formats and lists of texts / arrays of embeddings. No I/O."""
 from __future__ import annotations
 
+import base64
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import orjson
 from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse
 
+from batcher import Embedded
 from errors import BadRequest, Unprocessable
 
 INPUT_NAME = "text"
 OUTPUT_NAME = "embedding"
+COMPUTE_TEXTS = "x-compute-texts"
+COMPUTE_TOKENS = "x-compute-tokens"
+TRUNCATED_TEXTS = "x-truncated-texts"
+COST_HEADERS = (COMPUTE_TEXTS, COMPUTE_TOKENS, TRUNCATED_TEXTS, "x-compute-time", "x-queue-time")
 
 
 def parse_json(body: bytes) -> Any:
@@ -106,3 +113,96 @@ def infer_response(model_name: str, request_id: str | None, embeddings: np.ndarr
     output = InferOutput(name=OUTPUT_NAME, shape=list(embeddings.shape), datatype="FP32")
     output.set_data_from_numpy(embeddings, binary_data=False)
     return InferResponse(response_id=request_id or "", model_name=model_name, infer_outputs=[output])
+
+
+def cost_headers(embedded: Embedded) -> dict[str, str]:
+    """What a request cost, in the headers TEI uses (times in milliseconds)."""
+    return {
+        COMPUTE_TEXTS: str(len(embedded.embeddings)),
+        COMPUTE_TOKENS: str(embedded.tokens),
+        TRUNCATED_TEXTS: str(embedded.truncated),
+        "x-compute-time": f"{embedded.compute_seconds * 1000:.3f}",
+        "x-queue-time": f"{embedded.queue_seconds * 1000:.3f}",
+    }
+
+
+# --- OpenAI embeddings -----------------------------------------------------------------------------------------
+
+TOKEN_IDS_HELP = (
+    "This server embeds text, not token ids: send 'input' as a string or a list of strings. "
+    "Token ids from tiktoken are not this model's vocabulary. LangChain: "
+    "OpenAIEmbeddings(..., check_embedding_ctx_length=False) sends strings; LlamaIndex: "
+    "OpenAILikeEmbedding(model_name=..., api_base=...) sends strings."
+)
+
+
+class OpenAIRequestError(ValueError):
+    """An OpenAI embeddings request this server will not take; carries OpenAI's error fields."""
+
+    def __init__(self, message: str, param: str | None = None, status: int = 400,
+                 code: str | None = None, type_: str = "invalid_request_error"):
+        super().__init__(message)
+        self.message, self.param, self.status, self.code, self.type = message, param, status, code, type_
+
+
+@dataclass(frozen=True)
+class OpenAIEmbeddingRequest:
+    texts: list[str]
+    model: str
+    encoding_format: str
+
+
+def _is_token_ids(value: Any) -> bool:
+    if isinstance(value, list) and value and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        return True
+    return isinstance(value, list) and bool(value) and all(_is_token_ids(v) for v in value)
+
+
+def parse_openai_embedding(body: Any, served_model: str, dimension: int) -> OpenAIEmbeddingRequest:
+    """OpenAI's POST /v1/embeddings body: input (str | [str]), model, encoding_format, dimensions, user."""
+    if not isinstance(body, dict):
+        raise OpenAIRequestError("The body must be a JSON object", param=None)
+    if "input" not in body:
+        raise OpenAIRequestError("'input' is required: a string or a list of strings", param="input")
+    raw = body["input"]
+    if _is_token_ids(raw):
+        raise OpenAIRequestError(TOKEN_IDS_HELP, param="input", code="token_ids_not_supported")
+    texts = [raw] if isinstance(raw, str) else raw
+    if not isinstance(texts, list) or not texts:
+        raise OpenAIRequestError("'input' must be a string or a non-empty list of strings", param="input")
+    for index, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise OpenAIRequestError(f"'input[{index}]' must be a string, not {type(text).__name__}", param="input")
+    model = body.get("model", served_model)
+    if model != served_model:
+        raise OpenAIRequestError(f"The model '{model}' does not exist; this server serves '{served_model}'",
+                                 param="model", status=404, code="model_not_found")
+    encoding_format = body.get("encoding_format") or "float"
+    if encoding_format not in ("float", "base64"):
+        raise OpenAIRequestError(f"'encoding_format' must be 'float' or 'base64', not {encoding_format!r}",
+                                 param="encoding_format")
+    dimensions = body.get("dimensions")
+    if dimensions is not None and dimensions != dimension:
+        raise OpenAIRequestError(
+            f"'dimensions' must be {dimension}: this model gives {dimension}-dimensional embeddings and was not "
+            "trained to be shortened", param="dimensions")
+    return OpenAIEmbeddingRequest(texts=texts, model=model, encoding_format=encoding_format)
+
+
+def openai_error_body(error: OpenAIRequestError) -> dict[str, Any]:
+    return {"error": {"message": error.message, "type": error.type, "param": error.param, "code": error.code}}
+
+
+def openai_embedding_response(request: OpenAIEmbeddingRequest, embeddings: np.ndarray, tokens: int) -> dict[str, Any]:
+    """OpenAI's list of embeddings; base64 is little-endian float32, as the official SDKs decode it."""
+    if request.encoding_format == "base64":
+        little_endian = embeddings.astype("<f4", copy=False)
+        vectors: list[Any] = [base64.b64encode(row.tobytes()).decode("ascii") for row in little_endian]
+    else:
+        vectors = list(embeddings)
+    return {
+        "object": "list",
+        "data": [{"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(vectors)],
+        "model": request.model,
+        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+    }

@@ -22,6 +22,9 @@ MISSING_KEY_BODY = {
     "message": "Please provide an API key in the 'X-Api-Key' header or 'Authorization: Bearer <key>' header",
 }
 INVALID_KEY_BODY = {"error": "Invalid API key", "message": "The provided API key is invalid"}
+# OpenAI's routes answer as OpenAI does: 401 for a missing or a wrong key, in its error shape,
+# so that its SDKs raise their AuthenticationError.
+OPENAI_PATH_PREFIXES = ("/openai/", "/v1/embeddings")
 
 # Routes that compute nothing from a client's text and that load balancers, Kubernetes probes,
 # Prometheus and people reading the docs call without a key.
@@ -56,6 +59,15 @@ def is_public(method: str, path: str) -> bool:
     if method not in PUBLIC_METHODS:
         return False
     return path in PUBLIC_PATHS or any(p.fullmatch(path) for p in PUBLIC_PATTERNS)
+
+
+def rejection(status: int, path: str) -> JSONResponse:
+    body = MISSING_KEY_BODY if status == 401 else INVALID_KEY_BODY
+    if path.startswith(OPENAI_PATH_PREFIXES):
+        code = "missing_api_key" if status == 401 else "invalid_api_key"
+        error = {"message": body["message"], "type": "invalid_request_error", "param": None, "code": code}
+        return JSONResponse({"error": error}, status_code=401)
+    return JSONResponse(body, status_code=status)
 
 
 def presented_key(x_api_key: str | None, authorization: str | None) -> str | None:
@@ -103,9 +115,7 @@ class ApiKeyMiddleware:
         if status == 200:
             await self.app(scope, receive, send)
             return
-        body = MISSING_KEY_BODY if status == 401 else INVALID_KEY_BODY
-        response = JSONResponse(body, status_code=status)
-        await response(scope, receive, send)
+        await rejection(status, scope["path"])(scope, receive, send)
 
 
 def _denied(code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler:

@@ -20,7 +20,8 @@ from kserve import Model, ModelServer
 from kserve.errors import InvalidInput
 from kserve.protocol.infer_type import InferRequest, InferResponse
 
-from adapters import INPUT_NAME, OUTPUT_NAME, infer_response, texts_from_infer_request, texts_from_instances
+from adapters import (INPUT_NAME, OUTPUT_NAME, cost_headers, infer_response, texts_from_infer_request,
+                      texts_from_instances)
 from backends import create_backend
 from batcher import Batcher, Embedded
 from settings import Settings, SettingsError
@@ -46,7 +47,7 @@ class EmbedResult:
 class EmbeddingModel(Model):
     def __init__(self, name: str, model_path: str, backend: str = "auto", precision: str = "auto",
                  max_batch_tokens: int = 8192):
-        super().__init__(name)
+        super().__init__(name, return_response_headers=True)
         self.model_path = model_path
         self.backend_name = backend
         self.precision = precision
@@ -81,20 +82,20 @@ class EmbeddingModel(Model):
             return EmbedRequest(texts_from_infer_request(payload), v2=True, request_id=payload.id)
         return EmbedRequest(texts_from_instances(payload), v2=False)
 
-    async def predict(self, payload: EmbedRequest, headers: dict[str, str] | None = None) -> EmbedResult:
+    async def predict(self, payload: EmbedRequest, headers: dict[str, str] | None = None,
+                      response_headers: dict[str, str] | None = None) -> EmbedResult:
         if not isinstance(payload, EmbedRequest):
             raise InvalidInput("predict expects the output of preprocess")
         return EmbedResult(payload, await self.batcher.embed(payload.texts))
 
-    async def postprocess(self, result: EmbedResult, headers: dict[str, str] | None = None) -> dict | InferResponse:
+    async def postprocess(self, result: EmbedResult, headers: dict[str, str] | None = None,
+                          response_headers: dict[str, str] | None = None) -> dict | InferResponse:
+        if response_headers is not None:
+            response_headers.update(cost_headers(result.embedded))
         embeddings = result.embedded.embeddings
         if result.request.v2:
             return infer_response(self.name, result.request.request_id, embeddings)
         return {"predictions": embeddings}
-
-    async def embed(self, texts: list[str]) -> Embedded:
-        """For adapters that hold texts already (OpenAI): the same batcher and backend as every route."""
-        return await self.batcher.embed(texts)
 
 
 def build_parser(settings: Settings) -> argparse.ArgumentParser:
@@ -131,7 +132,7 @@ def main(argv: list[str] | None = None) -> None:
     model = EmbeddingModel(args.model_name, args.model_path, backend=args.backend, precision=args.precision,
                            max_batch_tokens=settings.max_batch_tokens)
     model.load()
-    server: ModelServer = create_server(model, settings, args)
+    server: ModelServer = create_server(model, settings, args, dimension=model.backend.dimension)
     server.start([model])
 
 

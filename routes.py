@@ -8,7 +8,9 @@ from fastapi import FastAPI, Request
 from fastapi.responses import ORJSONResponse
 from kserve.protocol.dataplane import DataPlane
 
-from adapters import legacy_response, parse_json, parse_legacy
+from adapters import (COMPUTE_TOKENS, OpenAIRequestError, legacy_response, openai_embedding_response,
+                      openai_error_body, parse_json, parse_legacy, parse_openai_embedding)
+from errors import BadRequest
 from settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -44,9 +46,38 @@ def register_legacy_routes(app: FastAPI, dataplane: DataPlane, model_name: str, 
         """Legacy: {"id": "text", ...} -> {"id": "[floats]"}, or {"instances": [...]} -> {"predictions": [...]}."""
         ids, texts = parse_legacy(parse_json(await request.body()))
         headers = dict(request.headers.items())
-        result, _ = await dataplane.infer(model_name, {"instances": texts}, headers)
-        return ORJSONResponse(legacy_response(ids, result["predictions"]))
+        result, cost = await dataplane.infer(model_name, {"instances": texts}, headers)
+        return ORJSONResponse(legacy_response(ids, result["predictions"]), headers=cost)
 
     app.add_api_route("/health", health, methods=["GET"], tags=["Legacy"])
     app.add_api_route("/api-key-info", key_info, methods=["GET"], tags=["Legacy"])
     app.add_api_route("/embedding", embedding, methods=["POST"], tags=["Legacy"])
+
+
+OPENAI_PREFIX = "/openai/v1"  # KServe's prefix for OpenAI routes
+
+
+def register_openai_routes(app: FastAPI, dataplane: DataPlane, model_name: str, dimension: int) -> None:
+    """OpenAI's embeddings API over the same data plane: what the openai SDKs, LangChain and LlamaIndex call."""
+
+    async def create_embedding(request: Request) -> ORJSONResponse:
+        try:
+            try:
+                body = parse_json(await request.body())
+            except BadRequest as exc:
+                raise OpenAIRequestError(exc.reason) from None
+            parsed = parse_openai_embedding(body, model_name, dimension)
+        except OpenAIRequestError as exc:
+            return ORJSONResponse(openai_error_body(exc), status_code=exc.status)
+        result, cost = await dataplane.infer(model_name, {"instances": parsed.texts}, dict(request.headers.items()))
+        answer = openai_embedding_response(parsed, result["predictions"], int(cost[COMPUTE_TOKENS]))
+        return ORJSONResponse(answer, headers=cost)
+
+    async def list_models() -> ORJSONResponse:
+        return ORJSONResponse({"object": "list", "data": [
+            {"id": model_name, "object": "model", "created": 0, "owned_by": "kserve"}]})
+
+    app.add_api_route(f"{OPENAI_PREFIX}/embeddings", create_embedding, methods=["POST"], tags=["OpenAI"])
+    app.add_api_route(f"{OPENAI_PREFIX}/models", list_models, methods=["GET"], tags=["OpenAI"])
+    # For clients whose base URL ends in /v1. GET /v1/models stays KServe V1's model list.
+    app.add_api_route("/v1/embeddings", create_embedding, methods=["POST"], tags=["OpenAI"])

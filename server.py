@@ -17,7 +17,8 @@ from starlette.middleware.cors import CORSMiddleware
 
 from auth_middleware import ApiKeyMiddleware, GrpcApiKeyInterceptor
 from errors import register_error_handlers
-from routes import register_legacy_routes
+from adapters import COST_HEADERS
+from routes import register_legacy_routes, register_openai_routes
 from settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -50,7 +51,7 @@ class AuthGRPCServer(GRPCServer):
         await self._server.wait_for_termination()
 
 
-def create_server(model: Model, settings: Settings, args: argparse.Namespace) -> ModelServer:
+def create_server(model: Model, settings: Settings, args: argparse.Namespace, dimension: int) -> ModelServer:
     server = ModelServer(
         http_port=args.http_port,
         grpc_port=args.grpc_port,
@@ -59,10 +60,12 @@ def create_server(model: Model, settings: Settings, args: argparse.Namespace) ->
         enable_docs_url=args.enable_docs_url,
     )
     register_legacy_routes(app, server.dataplane, model.name, settings)
+    register_openai_routes(app, server.dataplane, model.name, dimension)
     register_error_handlers(app)
     # Added last is outermost: CORS answers preflights before the key is checked.
     app.add_middleware(ApiKeyMiddleware, keys=settings.api_keys)
-    app.add_middleware(CORSMiddleware, allow_origins=["*"], allow_methods=CORS_METHODS, allow_headers=CORS_HEADERS)
+    app.add_middleware(CORSMiddleware, allow_origins=["*"], allow_methods=CORS_METHODS, allow_headers=CORS_HEADERS,
+                       expose_headers=list(COST_HEADERS))
     if args.enable_grpc:
         grpc_server = AuthGRPCServer(args.grpc_port, server.dataplane, server.model_repository_extension,
                                      kwargs=vars(args), grace_period=server.grace_period, keys=settings.api_keys)

@@ -134,7 +134,7 @@ from settings import Settings
 settings = Settings.from_env({"API_KEY": "x"})
 args = build_parser(settings).parse_args([])
 model = EmbeddingModel(settings.model_name, settings.model_path)  # the route table needs no weights
-server = create_server(model, settings, args)
+server = create_server(model, settings, args, dimension=384)
 server.register_model(model)
 RESTServer("kserve.model_server:app", server.dataplane, server.model_repository_extension, 0).create_application()
 
