@@ -11,7 +11,8 @@ import pytest
 import requests
 from starlette.responses import PlainTextResponse
 
-from auth_middleware import INVALID_KEY_BODY, MISSING_KEY_BODY, ApiKeyMiddleware, KeyChecker, is_public, presented_key
+from auth_middleware import (INVALID_KEY_BODY, MISSING_KEY_BODY, OPENAI_PATH_PREFIXES, ApiKeyMiddleware, KeyChecker,
+                             is_public, presented_key)
 from conftest import MODEL_NAME, ROOT, TEST_KEY
 
 KEYS = ("first-key", "second-key")
@@ -103,6 +104,8 @@ PROTECTED = [
     ("POST", f"/v1/models/{MODEL_NAME}:predict", {"instances": ["Hello world"]}),
     ("POST", f"/v2/models/{MODEL_NAME}/infer",
      {"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": ["Hello world"]}]}),
+    ("POST", "/openai/v1/embeddings", {"input": ["Hello world"], "model": MODEL_NAME}),
+    ("POST", "/v1/embeddings", {"input": ["Hello world"], "model": MODEL_NAME}),
 ]
 
 
@@ -115,11 +118,16 @@ PROTECTED = [
 ])
 def test_route_key_matrix(server, method, path, body, auth, status):
     response = requests.request(method, server.url + path, json=body, headers=auth, timeout=60)
-    assert response.status_code == status, response.text
-    if status == 401:
-        assert response.json() == MISSING_KEY_BODY
-    elif status == 403:
-        assert response.json() == INVALID_KEY_BODY
+    if path.startswith(OPENAI_PATH_PREFIXES):  # OpenAI's contract: 401 for a wrong key too, in its shape
+        assert response.status_code == min(status, 401), response.text
+        if status != 200:
+            assert response.json()["error"]["code"] == ("missing_api_key" if status == 401 else "invalid_api_key")
+    else:
+        assert response.status_code == status, response.text
+        if status == 401:
+            assert response.json() == MISSING_KEY_BODY
+        elif status == 403:
+            assert response.json() == INVALID_KEY_BODY
     assert TEST_KEY not in response.text
 
 
@@ -166,7 +174,9 @@ def concrete(path: str) -> str:
 def test_every_route_outside_the_public_list_needs_a_key(server):
     routes = application_routes()
     paths = {path for _, path in routes}
-    assert "/embedding" in paths and "/v1/models/{model_name}:predict" in paths and "/v2/models/{model_name}/infer" in paths
+    for expected in ("/embedding", "/v1/models/{model_name}:predict", "/v2/models/{model_name}/infer",
+                     "/openai/v1/embeddings", "/v1/embeddings"):
+        assert expected in paths
     checked = 0
     for method, template in routes:
         path = concrete(template)
@@ -176,7 +186,8 @@ def test_every_route_outside_the_public_list_needs_a_key(server):
             assert anonymous.status_code not in (401, 403), (method, template)
             continue
         wrong = requests.request(method, url, headers={"X-Api-Key": "wrong"}, timeout=60)
-        assert (anonymous.status_code, wrong.status_code) == (401, 403), (method, template)
+        wrong_status = 401 if path.startswith(OPENAI_PATH_PREFIXES) else 403  # OpenAI's contract
+        assert (anonymous.status_code, wrong.status_code) == (401, wrong_status), (method, template)
         checked += 1
     assert checked >= 10
     assert requests.get(f"{server.url}/v1/models/{MODEL_NAME}", timeout=10).status_code == 200  # nothing unloaded
