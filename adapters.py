@@ -10,7 +10,8 @@ import orjson
 from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse
 
 from batcher import Embedded
-from errors import BadRequest, Unprocessable
+from errors import BadRequest, TooLarge, Unprocessable
+from settings import Limits
 
 INPUT_NAME = "text"
 OUTPUT_NAME = "embedding"
@@ -66,6 +67,17 @@ def parse_legacy(body: Any) -> tuple[list[str] | None, list[str]]:
         if not isinstance(value, str):
             raise Unprocessable(f"The value of '{key}' must be a string, not {type(value).__name__}")
     return list(body), list(body.values())
+
+
+def check_limits(texts: list[str], limits: Limits) -> list[str]:
+    """Too many texts, or a text too long to tokenise cheaply, is a 413 that says which limit."""
+    if len(texts) > limits.max_texts:
+        raise TooLarge(f"{len(texts)} texts in one request; the limit is {limits.max_texts} (MAX_TEXTS_PER_REQUEST)")
+    for index, text in enumerate(texts):
+        if len(text) > limits.max_chars:
+            raise TooLarge(f"Text {index} has {len(text)} characters; the limit is {limits.max_chars} "
+                           "(MAX_CHARS_PER_TEXT). Texts are cut at 256 tokens anyway: send the first part.")
+    return texts
 
 
 def embedding_string(row: np.ndarray) -> str:

@@ -20,11 +20,11 @@ from kserve import Model, ModelServer
 from kserve.errors import InvalidInput
 from kserve.protocol.infer_type import InferRequest, InferResponse
 
-from adapters import (INPUT_NAME, OUTPUT_NAME, cost_headers, infer_response, texts_from_infer_request,
+from adapters import (INPUT_NAME, OUTPUT_NAME, check_limits, cost_headers, infer_response, texts_from_infer_request,
                       texts_from_instances)
 from backends import create_backend
 from batcher import Batcher, Embedded
-from settings import Settings, SettingsError
+from settings import Limits, Settings, SettingsError
 
 logger = logging.getLogger(__name__)
 
@@ -46,18 +46,20 @@ class EmbedResult:
 
 class EmbeddingModel(Model):
     def __init__(self, name: str, model_path: str, backend: str = "auto", precision: str = "auto",
-                 max_batch_tokens: int = 8192):
+                 max_batch_tokens: int = 8192, limits: Limits | None = None):
         super().__init__(name, return_response_headers=True)
         self.model_path = model_path
         self.backend_name = backend
         self.precision = precision
         self.max_batch_tokens = max_batch_tokens
+        self.limits = limits or Limits()
         self.backend = None
         self.batcher: Batcher | None = None
 
     def load(self) -> bool:
         self.backend = create_backend(self.model_path, backend=self.backend_name, precision=self.precision)
-        self.batcher = Batcher(self.backend, max_batch_tokens=self.max_batch_tokens)
+        self.batcher = Batcher(self.backend, max_batch_tokens=self.max_batch_tokens,
+                               max_queued_texts=self.limits.max_queued_texts)
         logger.info("Loaded %s from %s with backend %s (%d dims, %d tokens max)", self.name, self.model_path,
                     self.backend.name, self.backend.dimension, self.backend.max_seq_length)
         self.ready = True
@@ -79,8 +81,9 @@ class EmbeddingModel(Model):
 
     async def preprocess(self, payload: dict | InferRequest, headers: dict[str, str] | None = None) -> EmbedRequest:
         if isinstance(payload, InferRequest):
-            return EmbedRequest(texts_from_infer_request(payload), v2=True, request_id=payload.id)
-        return EmbedRequest(texts_from_instances(payload), v2=False)
+            texts = check_limits(texts_from_infer_request(payload), self.limits)
+            return EmbedRequest(texts, v2=True, request_id=payload.id)
+        return EmbedRequest(check_limits(texts_from_instances(payload), self.limits), v2=False)
 
     async def predict(self, payload: EmbedRequest, headers: dict[str, str] | None = None,
                       response_headers: dict[str, str] | None = None) -> EmbedResult:
@@ -106,7 +109,8 @@ def build_parser(settings: Settings) -> argparse.ArgumentParser:
                         help="A sentence-transformers model directory (env MODEL_PATH)")
     parser.add_argument("--backend", default=settings.backend, choices=("auto", "torch", "onnx", "openvino"))
     parser.add_argument("--precision", default=settings.precision, choices=("auto", "fp32", "bf16"))
-    parser.set_defaults(http_port=settings.http_port, grpc_port=settings.grpc_port, model_name=settings.model_name)
+    parser.set_defaults(http_port=settings.http_port, grpc_port=settings.grpc_port, model_name=settings.model_name,
+                        grpc_max_receive_message_length=settings.limits.max_body_bytes)
     return parser
 
 
@@ -130,7 +134,7 @@ def main(argv: list[str] | None = None) -> None:
     from server import create_server
 
     model = EmbeddingModel(args.model_name, args.model_path, backend=args.backend, precision=args.precision,
-                           max_batch_tokens=settings.max_batch_tokens)
+                           max_batch_tokens=settings.max_batch_tokens, limits=settings.limits)
     model.load()
     server: ModelServer = create_server(model, settings, args, dimension=model.backend.dimension)
     server.start([model])

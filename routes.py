@@ -10,7 +10,8 @@ from kserve.protocol.dataplane import DataPlane
 
 from adapters import (COMPUTE_TOKENS, OpenAIRequestError, legacy_response, openai_embedding_response,
                       openai_error_body, parse_json, parse_legacy, parse_openai_embedding)
-from errors import BadRequest
+from batcher import Overloaded
+from errors import RETRY_AFTER_SECONDS, BadRequest, TooLarge, Unprocessable
 from settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -61,15 +62,19 @@ def register_openai_routes(app: FastAPI, dataplane: DataPlane, model_name: str, 
     """OpenAI's embeddings API over the same data plane: what the openai SDKs, LangChain and LlamaIndex call."""
 
     async def create_embedding(request: Request) -> ORJSONResponse:
+        headers: dict[str, str] = {}
         try:
             try:
-                body = parse_json(await request.body())
-            except BadRequest as exc:
-                raise OpenAIRequestError(exc.reason) from None
-            parsed = parse_openai_embedding(body, model_name, dimension)
+                parsed = parse_openai_embedding(parse_json(await request.body()), model_name, dimension)
+                result, cost = await dataplane.infer(model_name, {"instances": parsed.texts},
+                                                     dict(request.headers.items()))
+            except (BadRequest, Unprocessable, TooLarge) as exc:
+                raise OpenAIRequestError(exc.reason, status=exc.status) from None
+            except Overloaded as exc:
+                headers["Retry-After"] = str(RETRY_AFTER_SECONDS)
+                raise OpenAIRequestError(str(exc), status=429, type_="rate_limit_error") from None
         except OpenAIRequestError as exc:
-            return ORJSONResponse(openai_error_body(exc), status_code=exc.status)
-        result, cost = await dataplane.infer(model_name, {"instances": parsed.texts}, dict(request.headers.items()))
+            return ORJSONResponse(openai_error_body(exc), status_code=exc.status, headers=headers)
         answer = openai_embedding_response(parsed, result["predictions"], int(cost[COMPUTE_TOKENS]))
         return ORJSONResponse(answer, headers=cost)
 

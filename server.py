@@ -17,6 +17,7 @@ from starlette.middleware.cors import CORSMiddleware
 
 from auth_middleware import ApiKeyMiddleware, GrpcApiKeyInterceptor
 from errors import register_error_handlers
+from limits import BodyGuardMiddleware
 from adapters import COST_HEADERS
 from routes import register_legacy_routes, register_openai_routes
 from settings import Settings
@@ -58,11 +59,14 @@ def create_server(model: Model, settings: Settings, args: argparse.Namespace, di
         workers=1,
         enable_grpc=False,  # ours below, with auth
         enable_docs_url=args.enable_docs_url,
+        grace_period=settings.grace_period,
     )
     register_legacy_routes(app, server.dataplane, model.name, settings)
     register_openai_routes(app, server.dataplane, model.name, dimension)
     register_error_handlers(app)
-    # Added last is outermost: CORS answers preflights before the key is checked.
+    # Added last is outermost: CORS answers preflights before the key is checked, and the body is
+    # read (within its limit) only for requests that carry a valid key.
+    app.add_middleware(BodyGuardMiddleware, max_body_bytes=settings.limits.max_body_bytes)
     app.add_middleware(ApiKeyMiddleware, keys=settings.api_keys)
     app.add_middleware(CORSMiddleware, allow_origins=["*"], allow_methods=CORS_METHODS, allow_headers=CORS_HEADERS,
                        expose_headers=list(COST_HEADERS))

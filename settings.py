@@ -75,6 +75,25 @@ def default_model_path() -> str:
 
 
 @dataclass(frozen=True)
+class Limits:
+    """What one request may ask of the server; each limit has a clear JSON error (413 or 429)."""
+
+    max_body_bytes: int = 2_000_000  # TEI's payload limit
+    max_texts: int = 2048  # per request; split into micro-batches internally
+    max_chars: int = 100_000  # per text, checked before tokenising
+    max_queued_texts: int = 4096  # beyond this, 429 with Retry-After at once
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> Limits:
+        return cls(
+            max_body_bytes=_int(env, "MAX_BODY_BYTES", cls.max_body_bytes, minimum=1024),
+            max_texts=_int(env, "MAX_TEXTS_PER_REQUEST", cls.max_texts),
+            max_chars=_int(env, "MAX_CHARS_PER_TEXT", cls.max_chars),
+            max_queued_texts=_int(env, "MAX_QUEUED_TEXTS", cls.max_queued_texts),
+        )
+
+
+@dataclass(frozen=True)
 class Settings:
     api_keys: tuple[str, ...]
     api_key_generated: bool
@@ -86,7 +105,10 @@ class Settings:
     backend: str
     precision: str
     max_batch_tokens: int
+    limits: Limits
+    grace_period: int
     log_level: str
+    log_format: str
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -106,7 +128,11 @@ class Settings:
             backend=_choice(env, "BACKEND", "auto", ("auto", "torch", "onnx", "openvino")),
             precision=_choice(env, "PRECISION", "auto", ("auto", "fp32", "bf16")),
             max_batch_tokens=_int(env, "MAX_BATCH_TOKENS", 8192, minimum=256),
+            limits=Limits.from_env(env),
+            # Kubernetes and Render wait 30 s after SIGTERM before SIGKILL: finish in-flight work before that.
+            grace_period=_int(env, "GRACE_PERIOD", 25),
             log_level=env.get("LOG_LEVEL", "INFO").strip().upper() or "INFO",
+            log_format=_choice(env, "LOG_FORMAT", "text", ("text", "json")),
         )
 
     def __repr__(self) -> str:
@@ -114,5 +140,6 @@ class Settings:
             f"Settings(api_keys=<{len(self.api_keys)} hidden>, show_api_key_info={self.show_api_key_info}, "
             f"http_port={self.http_port}, grpc_port={self.grpc_port}, model_path={self.model_path!r}, "
             f"model_name={self.model_name!r}, backend={self.backend!r}, precision={self.precision!r}, "
-            f"max_batch_tokens={self.max_batch_tokens}, log_level={self.log_level!r})"
+            f"max_batch_tokens={self.max_batch_tokens}, limits={self.limits}, grace_period={self.grace_period}, "
+            f"log_level={self.log_level!r}, log_format={self.log_format!r})"
         )
