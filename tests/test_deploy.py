@@ -229,6 +229,66 @@ def test_cmd_is_the_server_and_healthcheck_reads_port(final):
 
 # --- the image's build context and start, run here -------------------------------------------------------
 
+def requirement_closure() -> set[str]:
+    """requirements.txt and everything its packages require, as installed here (canonical names)."""
+    from importlib import metadata
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    stack = []
+    for line in (ROOT / "requirements.txt").read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if line and not line.startswith("-"):
+            requirement = Requirement(line)
+            stack.append((canonicalize_name(requirement.name), frozenset(requirement.extras)))
+    seen: set[str] = set()
+    while stack:
+        name, extras = stack.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        try:
+            requires = metadata.distribution(name).requires or []
+        except metadata.PackageNotFoundError:
+            continue
+        for text in requires:
+            requirement = Requirement(text)
+            if requirement.marker and not any(requirement.marker.evaluate({"extra": e}) for e in extras or {""}):
+                continue
+            stack.append((canonicalize_name(requirement.name), frozenset(requirement.extras)))
+    return seen
+
+
+def imported_packages(entry_scripts: list[str], context: set[str]) -> dict[str, str]:
+    """Top-level third-party modules the entry scripts import, directly or through the app's own modules."""
+    import ast
+
+    local = {Path(p).with_suffix("").as_posix().replace("/", ".").removesuffix(".__init__"): p
+             for p in context if p.endswith(".py")}
+    found: dict[str, str] = {}
+    todo, done = list(entry_scripts), set()
+    while todo:
+        script = todo.pop()
+        if script in done:
+            continue
+        done.add(script)
+        for node in ast.walk(ast.parse((ROOT / script).read_text())):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+            else:
+                continue
+            for name in names:
+                if name in local or name.split(".")[0] in local:
+                    todo.append(local.get(name) or local[name.split(".")[0]])
+                elif name.split(".")[0] not in sys.stdlib_module_names and name != "__future__":
+                    found.setdefault(name.split(".")[0], script)
+    return found
+
+
+
 def dockerignore_patterns() -> list[str]:
     lines = (ROOT / ".dockerignore").read_text().splitlines()
     return [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
@@ -260,6 +320,25 @@ def test_build_context_has_the_server(final):
     assert not [p for p in context if p.startswith(("tests/", ".git/", "bench/", "k8s/"))]
 
 
+def not_provided(modules: dict[str, str]) -> dict[str, str]:
+    """The modules (name -> who imports it) that no package of requirements.txt's closure provides."""
+    from importlib import metadata
+
+    from packaging.utils import canonicalize_name
+
+    providers = metadata.packages_distributions()
+    closure = requirement_closure()
+    return {module: f"imported by {who}, provided by {providers.get(module)}" for module, who in modules.items()
+            if not {canonicalize_name(d) for d in providers.get(module, [])} & closure}
+
+
+def test_requirements_provide_every_package_the_image_imports(stages, final):
+    """The image has only requirements.txt: what the CMD and the prebuild import must come from there."""
+    entries = [final_cmd(final)[1]] + [argv[1] for argv, _ in prebuild_steps(stages)]
+    missing = not_provided(imported_packages(entries, build_context(ROOT)))
+    assert not missing, f"requirements.txt lacks: {missing}"
+
+
 @dataclass
 class ImageRun:
     server: RunningServer
@@ -267,6 +346,18 @@ class ImageRun:
     cache_dir: Path
     snapshot: dict[str, tuple[int, int]]
     prebuild_log: str
+
+
+# PYTHONPROFILEIMPORTTIME=1 makes Python log every import; an unindented entry is an import made by running
+# code (a function-level import, as torch's ONNX exporter does for onnx), not one pulled in by another import.
+IMPORT_TRACE = {"PYTHONPROFILEIMPORTTIME": "1"}
+
+
+def run_time_imports(log: str, who: str) -> dict[str, str]:
+    local = {Path(p).stem for p in build_context(ROOT) if p.endswith(".py")}
+    names = {m.split(".")[0] for m in re.findall(r"^import time:\s+\d+ \|\s+\d+ \| (\S+)$", log, flags=re.M)}
+    return {name: who for name in names
+            if name not in sys.stdlib_module_names and name not in local and not name.startswith("_")}
 
 
 def image_paths(stages: list[Stage], tmp: Path) -> dict[str, Path]:
@@ -329,7 +420,7 @@ def image(tmp_path_factory, stages):
     steps = prebuild_steps(stages)
     assert steps, "the Dockerfile should convert the model at build time (python backends.py --prebuild)"
     for argv, env in steps:
-        run_env = {**mapped_env(env, paths), "HOME": str(home)}
+        run_env = {**mapped_env(env, paths), "HOME": str(home), **IMPORT_TRACE}
         result = subprocess.run([sys.executable, *argv[1:]], cwd=app_dir, env=run_env, capture_output=True,
                                 text=True, timeout=900)
         assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
@@ -370,6 +461,15 @@ def test_image_start_converts_nothing_and_writes_nothing_into_the_image(image):
     assert tree(image.app_dir, image.cache_dir) == image.snapshot
     assert "convert" in image.prebuild_log.lower()
     assert "convert" not in image.server.log().lower()
+
+
+def test_requirements_provide_what_the_prebuild_imports_at_run_time(image):
+    """The build fails without them (onnx for torch's exporter). The server's run-time imports are not held to
+    this: uvicorn, for one, takes httptools and websockets when they happen to be installed."""
+    imports = run_time_imports(image.prebuild_log, "the prebuild")
+    assert "torch" in imports
+    missing = not_provided(imports)
+    assert not missing, f"requirements.txt lacks: {missing}"
 
 
 def test_healthcheck_command_passes_only_against_a_live_server(image, final):
