@@ -1,0 +1,278 @@
+"""Request ids, one access-log line per request, the Prometheus series, and the log format.
+
+ObservabilityMiddleware goes outermost, so that it also sees the answers of the layers before the routes:
+the key check's 401/403 and CORS preflights. The series live in prometheus_client's default registry,
+which KServe's GET /metrics already serves.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import re
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import IO
+
+from prometheus_client import Counter, Histogram
+from starlette.datastructures import Headers
+from starlette.responses import JSONResponse
+from starlette.routing import Match
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from auth_middleware import presented_key
+
+logger = logging.getLogger(__name__)
+
+ACCESS_LOGGER_NAME = "embedding.access"
+REQUEST_ID_HEADER = "x-request-id"
+_REQUEST_ID_RE = re.compile(r"[\x21-\x7e]{1,128}")  # printable ASCII without spaces: safe in a log line
+UNMATCHED_ROUTE = "unmatched"
+CLIENT_CLOSED = 499  # nginx's status for "the client went away before the answer"
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+MAX_LOGGED_PATH = 200
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+BATCH_TEXT_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+BATCH_TOKEN_BUCKETS = (16, 64, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
+
+REQUESTS = Counter("embedding_requests_total", "HTTP requests answered, by route template, method and status",
+                   ["route", "method", "status"])
+REQUEST_SECONDS = Histogram("embedding_request_duration_seconds",
+                            "Time from a request's arrival to its last response byte handed to the server",
+                            ["route"], buckets=LATENCY_BUCKETS)
+QUEUE_SECONDS = Histogram("embedding_queue_wait_seconds",
+                          "Time a request's texts waited in the batcher's queue before its first batch ran",
+                          buckets=LATENCY_BUCKETS)
+BATCH_SECONDS = Histogram("embedding_batch_duration_seconds", "Model time of one micro-batch",
+                          buckets=LATENCY_BUCKETS)
+BATCH_TEXTS = Histogram("embedding_batch_texts", "Texts in one micro-batch (every protocol, gRPC included)",
+                        buckets=BATCH_TEXT_BUCKETS)
+BATCH_TOKENS = Histogram("embedding_batch_tokens", "Tokens in one micro-batch, padding excluded (every protocol)",
+                         buckets=BATCH_TOKEN_BUCKETS)
+TEXTS = Counter("embedding_texts_total", "Texts embedded for HTTP answers (the x-compute-texts headers)")
+TOKENS = Counter("embedding_tokens_total", "Tokens embedded for HTTP answers (the x-compute-tokens headers)")
+TRUNCATED = Counter("embedding_truncated_texts_total",
+                    "Texts cut at the model's token limit for HTTP answers (the x-truncated-texts headers)")
+REJECTIONS = Counter("embedding_rejections_total", "HTTP requests refused, by reason", ["reason"])
+
+REJECTION_REASONS = ("auth_missing", "auth_invalid", "limits", "invalid_input", "overloaded", "unavailable")
+for _reason in REJECTION_REASONS:
+    REJECTIONS.labels(_reason)  # every reason is scraped from the start, at 0
+
+_COST_FIELDS = {b"x-compute-texts": "texts", b"x-compute-tokens": "tokens", b"x-truncated-texts": "truncated"}
+
+
+def observe_batch(texts: int, tokens: int, seconds: float) -> None:
+    """One micro-batch the batcher ran: its size and its model time."""
+    BATCH_TEXTS.observe(texts)
+    BATCH_TOKENS.observe(tokens)
+    BATCH_SECONDS.observe(seconds)
+
+
+def observe_queue_wait(seconds: float) -> None:
+    """How long one request waited before its first batch ran (the x-queue-time header)."""
+    QUEUE_SECONDS.observe(seconds)
+
+
+def accepted_request_id(value: str | None) -> str:
+    """The client's X-Request-Id if it is safe to echo and log, else a new one."""
+    if value is not None and _REQUEST_ID_RE.fullmatch(value):
+        return value
+    return uuid.uuid4().hex
+
+
+def rejection_reason(status: int, key_presented: bool) -> str | None:
+    """Why a request was refused, from its status. OpenAI routes answer 401 for a wrong key too."""
+    if status == 401:
+        return "auth_invalid" if key_presented else "auth_missing"
+    if status == 403:
+        return "auth_invalid"
+    if status == 413:
+        return "limits"
+    if status in (400, 422):
+        return "invalid_input"
+    if status == 429:
+        return "overloaded"
+    if status == 503:
+        return "unavailable"
+    return None
+
+
+def route_template(scope: Scope) -> str | None:
+    """The template of the route that answers this scope (e.g. /v1/models/{model_name}:predict), or None.
+
+    The router records it in scope["route"]; a request refused before routing (401, preflight) is
+    matched here against the app's routes so that it still gets its template, not its raw path.
+    """
+    path = getattr(scope.get("route"), "path", None)
+    if path:
+        return path
+    for route in getattr(scope.get("app"), "routes", ()):
+        match, _ = route.matches(scope)
+        if match != Match.NONE:
+            return getattr(route, "path", None) or None
+    return None
+
+
+def _loggable(text: str) -> str:
+    text = text[:MAX_LOGGED_PATH]
+    return text if text.isprintable() else text.encode("unicode_escape").decode("ascii")
+
+
+@dataclass
+class _Answer:
+    status: int | None = None
+    texts: int | None = None
+    tokens: int | None = None
+    truncated: int | None = None
+    finished: bool = False
+
+
+class ObservabilityMiddleware:
+    """Pure ASGI: gives every HTTP answer an X-Request-Id, logs it once and counts it."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+        self.access = logging.getLogger(ACCESS_LOGGER_NAME)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        headers = Headers(scope=scope)
+        request_id = accepted_request_id(headers.get(REQUEST_ID_HEADER))
+        scope.setdefault("state", {})["request_id"] = request_id
+        id_header = (REQUEST_ID_HEADER.encode(), request_id.encode("ascii"))
+        answer = _Answer()
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                answer.status = message["status"]
+                raw = [(k, v) for k, v in message.get("headers", ()) if k.lower() != id_header[0]]
+                raw.append(id_header)
+                message = {**message, "headers": raw}
+                self._read_costs(raw, answer)
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                # Counted before the last byte leaves, so a scrape after the answer always includes it.
+                self._finish(scope, headers, request_id, answer, started)
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        except Exception:
+            if answer.status is not None:
+                self._finish(scope, headers, request_id, answer, started)
+                raise
+            logger.exception("Unhandled error answering request %s", request_id)
+            response = JSONResponse({"error": "Internal server error", "request_id": request_id}, status_code=500)
+            await response(scope, receive, send_with_id)
+        finally:
+            if not answer.finished:
+                self._finish(scope, headers, request_id, answer, started)
+
+    @staticmethod
+    def _read_costs(raw: list[tuple[bytes, bytes]], answer: _Answer) -> None:
+        for key, value in raw:
+            field = _COST_FIELDS.get(key.lower())
+            if field is not None and value.isdigit():
+                setattr(answer, field, int(value))
+
+    def _finish(self, scope: Scope, headers: Headers, request_id: str, answer: _Answer, started: float) -> None:
+        answer.finished = True
+        seconds = time.perf_counter() - started
+        status = answer.status or CLIENT_CLOSED
+        method = scope["method"] if scope["method"] in METHODS else "other"
+        template = route_template(scope)
+        route = template or UNMATCHED_ROUTE
+        REQUESTS.labels(route, method, str(status)).inc()
+        REQUEST_SECONDS.labels(route).observe(seconds)
+        if 200 <= status < 300:
+            for count, counter in ((answer.texts, TEXTS), (answer.tokens, TOKENS), (answer.truncated, TRUNCATED)):
+                if count:
+                    counter.inc(count)
+        key_presented = status == 401 and bool(presented_key(headers.get("x-api-key"), headers.get("authorization")))
+        reason = rejection_reason(status, key_presented)
+        if reason is not None:
+            REJECTIONS.labels(reason).inc()
+        fields = {
+            "request_id": request_id,
+            "method": method,
+            "route": template or _loggable(scope["path"]),
+            "status": status,
+            "texts": answer.texts,
+            "tokens": answer.tokens,
+            "duration_ms": round(seconds * 1000, 3),
+        }
+        self.access.info("request_id=%s method=%s route=%s status=%d texts=%s tokens=%s duration_ms=%.3f",
+                         request_id, method, fields["route"], status,
+                         "-" if answer.texts is None else answer.texts,
+                         "-" if answer.tokens is None else answer.tokens, fields["duration_ms"],
+                         extra={"access": fields})
+
+
+# --- log format ---------------------------------------------------------------------------------------------------
+
+TEXT_FORMAT = "%(asctime)s.%(msecs)03d %(levelname)s %(name)s %(message)s"
+TEXT_DATE_FORMAT = "%Y-%m-%d %H:%M:%S"
+LOG_FORMATS = ("text", "json")
+# KServe gives these their own handlers (and propagate=False); ours replace them so that every line has one format.
+OWN_HANDLER_LOGGERS = ("kserve", "kserve.trace", "uvicorn", "uvicorn.error")
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message, and the access fields as keys."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        entry.update(getattr(record, "access", None) or {})
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        if record.stack_info:
+            entry["stack"] = self.formatStack(record.stack_info)
+        return json.dumps(entry, ensure_ascii=False, default=str)
+
+
+class _OurHandler(logging.StreamHandler):
+    """Marks the handler configure_logging installed, so that a second call replaces it."""
+
+
+def configure_logging(level: str = "INFO", fmt: str = "text", stream: IO[str] | None = None) -> logging.Handler:
+    """Every logger of the process to one handler in one format, whether or not KServe configured logging first.
+
+    KServe configures logging only when its "kserve" logger has no handler, so calling this before or
+    after ModelServer() gives the same result. uvicorn's access log is silenced and KServe's timing lines
+    are kept for DEBUG: the access lines of ObservabilityMiddleware replace both (uvicorn's would log the
+    query string).
+    """
+    level = level.upper()
+    if fmt not in LOG_FORMATS:
+        raise ValueError(f"log format must be one of {', '.join(LOG_FORMATS)}, not {fmt!r}")
+    handler = _OurHandler(stream if stream is not None else sys.stderr)
+    handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT, TEXT_DATE_FORMAT))
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if isinstance(h, _OurHandler)]:
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level)
+    for name in OWN_HANDLER_LOGGERS:
+        named = logging.getLogger(name)
+        named.handlers = [handler]
+        named.propagate = False
+        named.setLevel(level)
+    # KServe's per-request timing lines repeat the access line (and name raw paths): only at DEBUG.
+    logging.getLogger("kserve.trace").setLevel(level if logging.getLevelName(level) == logging.DEBUG else "WARNING")
+    logging.captureWarnings(True)  # Python warnings in the same format, not raw on stderr
+    # uvicorn logs access lines only while this logger has a handler somewhere up its chain.
+    uvicorn_access = logging.getLogger("uvicorn.access")
+    uvicorn_access.handlers = []
+    uvicorn_access.propagate = False
+    return handler
