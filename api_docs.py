@@ -1,0 +1,334 @@
+"""The OpenAPI document of the server and the Swagger UI page at /docs.
+
+The handlers of routes.py read a raw Request, so FastAPI cannot see their bodies; the generated document
+is completed here with request and response schemas, examples, error answers and the API-key schemes.
+The docs are public: they describe the API and hold no data.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import re
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.openapi.docs import get_swagger_ui_html, get_swagger_ui_oauth2_redirect_html
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import HTMLResponse
+
+from auth_middleware import INVALID_KEY_BODY, MISSING_KEY_BODY, OPENAI_PATH_PREFIXES, is_public
+from errors import RETRY_AFTER_SECONDS
+
+logger = logging.getLogger(__name__)
+
+DOCS_PATH = "/docs"
+OAUTH2_REDIRECT_PATH = "/docs/oauth2-redirect"
+OPENAPI_PATH = "/openapi.json"
+SECURITY = [{"ApiKeyAuth": []}, {"BearerAuth": []}]  # either one
+COST_HEADER_DOCS = {
+    "x-compute-texts": "Texts embedded",
+    "x-compute-tokens": "Tokens embedded, after truncation",
+    "x-truncated-texts": "Texts cut at the model's token limit",
+    "x-compute-time": "Model time in milliseconds",
+    "x-queue-time": "Milliseconds waited for a batch",
+}
+_PATH_PARAM = re.compile(r"\{[^}]+\}")
+EXAMPLE_VECTOR = [0.0123, -0.0456, 0.0789]  # the real ones have `dimension` numbers
+
+
+def _ref(kind: str, name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/{kind}/{name}"}
+
+
+def _json(schema: dict, examples: dict[str, tuple[str, Any]]) -> dict:
+    return {"application/json": {
+        "schema": schema,
+        "examples": {key: {"summary": summary, "value": value} for key, (summary, value) in examples.items()},
+    }}
+
+
+def _schemas(model_name: str, dimension: int) -> dict[str, dict]:
+    vector = {"type": "array", "items": {"type": "number"},
+              "description": f"One embedding: {dimension} numbers of unit length"}
+    return {
+        "Error": {"type": "object", "required": ["error"], "properties": {
+            "error": {"type": "string"}, "message": {"type": "string"}}},
+        "OpenAIError": {"type": "object", "required": ["error"], "properties": {"error": {
+            "type": "object", "required": ["message", "type"], "properties": {
+                "message": {"type": "string"}, "type": {"type": "string"},
+                "param": {"type": ["string", "null"]}, "code": {"type": ["string", "null"]}}}}},
+        "Health": {"type": "object", "required": ["status", "model"], "properties": {
+            "status": {"type": "string", "enum": ["healthy", "unavailable"]}, "model": {"type": "string"}}},
+        "ApiKeyInfo": {"type": "object", "required": ["message", "usage"], "properties": {
+            "message": {"type": "string"},
+            "usage": {"type": "object", "additionalProperties": {"type": "string"}},
+            "api_key": {"type": "string", "description": "Only when the server runs with SHOW_API_KEY_INFO=true"}}},
+        "LegacyIdMap": {"type": "object", "minProperties": 1, "additionalProperties": {"type": "string"},
+                        "description": "Your IDs mapped to the texts to embed"},
+        "Instances": {"type": "object", "required": ["instances"], "properties": {
+            "instances": {"type": "array", "items": {"type": "string"}, "description": "The texts to embed"}}},
+        "LegacyIdMapResponse": {"type": "object", "additionalProperties": {"type": "string"},
+                                "description": f"Each ID mapped to its embedding written as a string: "
+                                               f"str() of a list of {dimension} floats, as the original service did"},
+        "Predictions": {"type": "object", "required": ["predictions"], "properties": {
+            "predictions": {"type": "array", "items": vector, "description": "One embedding per text, in order"}}},
+        "OpenAIEmbeddingRequest": {"type": "object", "required": ["input"], "properties": {
+            "input": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}, "minItems": 1}],
+                      "description": "A text or a list of texts (token ids are not accepted)"},
+            "model": {"type": "string", "default": model_name},
+            "encoding_format": {"type": "string", "enum": ["float", "base64"], "default": "float"},
+            "dimensions": {"type": "integer", "enum": [dimension]},
+            "user": {"type": "string"}}},
+        "OpenAIEmbeddingResponse": {"type": "object", "required": ["object", "data", "model", "usage"], "properties": {
+            "object": {"const": "list"},
+            "data": {"type": "array", "items": {"type": "object", "required": ["object", "index", "embedding"],
+                                                "properties": {
+                "object": {"const": "embedding"}, "index": {"type": "integer"},
+                "embedding": {"oneOf": [vector, {"type": "string", "description": "base64 of little-endian float32"}]},
+            }}},
+            "model": {"type": "string"},
+            "usage": {"type": "object", "properties": {
+                "prompt_tokens": {"type": "integer"}, "total_tokens": {"type": "integer"}}}}},
+        "OpenAIModelList": {"type": "object", "required": ["object", "data"], "properties": {
+            "object": {"const": "list"},
+            "data": {"type": "array", "items": {"type": "object", "properties": {
+                "id": {"type": "string"}, "object": {"const": "model"}, "created": {"type": "integer"},
+                "owned_by": {"type": "string"}}}}}},
+    }
+
+
+def _error(description: str, message: str, headers: dict | None = None) -> dict:
+    response = {"description": description, "content": _json(_ref("schemas", "Error"), {"error": (description,
+                                                                                          {"error": message})})}
+    if headers:
+        response["headers"] = headers
+    return response
+
+
+def _responses() -> dict[str, dict]:
+    openai_401 = {"error": {"message": MISSING_KEY_BODY["message"], "type": "invalid_request_error",
+                            "param": None, "code": "missing_api_key"}}
+    openai_401_wrong = {"error": {"message": INVALID_KEY_BODY["message"], "type": "invalid_request_error",
+                                  "param": None, "code": "invalid_api_key"}}
+    return {
+        "MissingKey": {"description": "No API key: send X-Api-Key or Authorization: Bearer",
+                       "content": _json(_ref("schemas", "Error"), {"missing": ("No key", MISSING_KEY_BODY)})},
+        "WrongKey": {"description": "The API key is not valid",
+                     "content": _json(_ref("schemas", "Error"), {"wrong": ("Wrong key", INVALID_KEY_BODY)})},
+        "OpenAIUnauthorized": {"description": "No API key, or a wrong one (OpenAI's shape, for its SDKs)",
+                               "content": _json(_ref("schemas", "OpenAIError"), {
+                                   "missing": ("No key", openai_401), "wrong": ("Wrong key", openai_401_wrong)})},
+        "BadRequest": _error("The body is not JSON, or holds no text", "The request body is empty; send a JSON object"),
+        "Unprocessable": _error("JSON of the wrong shape; the message names the key or index",
+                                "'instances[1]' must be a string, not int"),
+        "TooLarge": _error("The body, the number of texts or one text is above the server's limit",
+                           "Too many texts: 5000 > 2048"),
+        "Overloaded": _error("The server has more texts queued than it takes on; retry after Retry-After seconds",
+                             "40000 texts are waiting; try again shortly",
+                             headers={"Retry-After": {"description": "Seconds to wait before retrying",
+                                                      "schema": {"type": "integer",
+                                                                 "example": RETRY_AFTER_SECONDS}}}),
+        "Unavailable": _error("The model is not loaded yet", "Model with name all-MiniLM-L6-v2 is not ready."),
+    }
+
+
+def _cost_headers() -> dict[str, dict]:
+    return {name: {"description": text, "schema": {"type": "string"}} for name, text in COST_HEADER_DOCS.items()}
+
+
+def _embedding_errors(openai: bool) -> dict[str, dict]:
+    errors = {"413": _ref("responses", "TooLarge"), "429": _ref("responses", "Overloaded"),
+              "503": _ref("responses", "Unavailable")}
+    if not openai:
+        errors |= {"400": _ref("responses", "BadRequest"), "422": _ref("responses", "Unprocessable")}
+    return errors
+
+
+def _operations(model_name: str, dimension: int) -> dict[tuple[str, str], dict]:
+    """What FastAPI cannot infer, per (path, method): merged into the generated operations."""
+    texts = ["The cat sits on the mat.", "A dog plays in the garden."]
+    predictions = {"predictions": [EXAMPLE_VECTOR, EXAMPLE_VECTOR]}
+    legacy_body = {
+        "required": True,
+        "content": _json({"oneOf": [_ref("schemas", "LegacyIdMap"), _ref("schemas", "Instances")]}, {
+            "ids": ("IDs mapped to texts", {"doc1": texts[0], "doc2": texts[1]}),
+            "instances": ("A list of texts", {"instances": texts}),
+        }),
+    }
+    legacy_answer = {"description": "The embeddings, in the form the request used", "headers": _cost_headers(),
+                     "content": _json({"oneOf": [_ref("schemas", "LegacyIdMapResponse"), _ref("schemas", "Predictions")]}, {
+                         "ids": ("For the ID form", {"doc1": str(EXAMPLE_VECTOR), "doc2": str(EXAMPLE_VECTOR)}),
+                         "instances": ("For the instances form", predictions),
+                     })}
+    openai_bad = {"description": "A body OpenAI's API would refuse; `param` names the field",
+                  "content": _json(_ref("schemas", "OpenAIError"), {"input": ("No input", {"error": {
+                      "message": "'input' is required: a string or a list of strings",
+                      "type": "invalid_request_error", "param": "input", "code": None}})})}
+    openai_not_found = {"description": "Another model was asked for", "content": _json(_ref("schemas", "OpenAIError"), {
+        "model": ("Unknown model", {"error": {
+            "message": f"The model 'text-embedding-3-small' does not exist; this server serves '{model_name}'",
+            "type": "invalid_request_error", "param": "model", "code": "model_not_found"}})})}
+    openai_embeddings = {
+        "summary": "Create embeddings (OpenAI-compatible)",
+        "description": "OpenAI's embeddings API: point an OpenAI SDK's base_url at /openai/v1 (or /v1).",
+        "requestBody": {"required": True, "content": _json(_ref("schemas", "OpenAIEmbeddingRequest"), {
+            "one": ("One text", {"input": texts[0], "model": model_name}),
+            "many": ("Several texts", {"input": texts, "model": model_name}),
+            "base64": ("Base64 answer", {"input": texts[0], "model": model_name, "encoding_format": "base64"}),
+        })},
+        "responses": {
+            "200": {"description": "One embedding per input, in order", "headers": _cost_headers(),
+                    "content": _json(_ref("schemas", "OpenAIEmbeddingResponse"), {"float": ("Floats", {
+                        "object": "list",
+                        "data": [{"object": "embedding", "index": 0, "embedding": EXAMPLE_VECTOR}],
+                        "model": model_name, "usage": {"prompt_tokens": 9, "total_tokens": 9}})})},
+            "400": openai_bad, "404": openai_not_found, **_embedding_errors(openai=True),
+        },
+    }
+    infer_example = {"inputs": [{"name": "text", "shape": [2], "datatype": "BYTES", "data": texts}]}
+    infer_answer = {"model_name": model_name, "id": "", "outputs": [
+        {"name": "embedding", "shape": [2, dimension], "datatype": "FP32", "data": EXAMPLE_VECTOR + EXAMPLE_VECTOR}]}
+    return {
+        ("/health", "get"): {
+            "summary": "Is the model loaded?",
+            "responses": {
+                "200": {"description": "Ready", "content": _json(_ref("schemas", "Health"), {
+                    "healthy": ("Ready", {"status": "healthy", "model": model_name})})},
+                "503": {"description": "Still loading", "content": _json(_ref("schemas", "Health"), {
+                    "loading": ("Loading", {"status": "unavailable", "model": model_name})})},
+            },
+        },
+        ("/api-key-info", "get"): {
+            "summary": "How to send the API key",
+            "responses": {"200": {"description": "Where the key goes", "content": _json(_ref("schemas", "ApiKeyInfo"), {
+                "info": ("Key hidden", {"message": "API key authentication is enabled", "usage": {
+                    "header_name": "X-Api-Key", "alternative": "Authorization: Bearer <key>"}})})}},
+        },
+        ("/embedding", "post"): {
+            "summary": "Embed texts (the original service's API)",
+            "description": "Send `{\"id\": \"text\", ...}` to get `{\"id\": \"[floats]\"}` (embeddings as strings), "
+                           "or `{\"instances\": [...]}` to get `{\"predictions\": [[floats], ...]}`.",
+            "requestBody": legacy_body,
+            "responses": {"200": legacy_answer, **_embedding_errors(openai=False)},
+        },
+        ("/openai/v1/embeddings", "post"): openai_embeddings,
+        ("/v1/embeddings", "post"): openai_embeddings,
+        ("/openai/v1/models", "get"): {
+            "summary": "List models (OpenAI-compatible)",
+            "responses": {"200": {"description": "The served model", "content": _json(_ref("schemas", "OpenAIModelList"), {
+                "list": ("One model", {"object": "list", "data": [
+                    {"id": model_name, "object": "model", "created": 0, "owned_by": "kserve"}]})})}},
+        },
+        ("/v1/models/{model_name}:predict", "post"): {
+            "summary": "Embed texts (KServe V1)",
+            "requestBody": {"required": True, "content": _json(_ref("schemas", "Instances"), {
+                "instances": ("A list of texts", {"instances": texts})})},
+            "responses": {"200": {"description": "One embedding per text, in order", "headers": _cost_headers(),
+                                  "content": _json(_ref("schemas", "Predictions"), {
+                                      "predictions": ("Embeddings", predictions)})},
+                          **_embedding_errors(openai=False)},
+        },
+        ("/v2/models/{model_name}/infer", "post"): {
+            "summary": "Embed texts (Open Inference Protocol V2)",
+            "requestBody": {"content": {"application/json": {"examples": {
+                "texts": {"summary": "A BYTES tensor of texts", "value": infer_example}}}}},
+            "responses": {"200": {"description": f"An FP32 tensor [n, {dimension}], row-major",
+                                  "headers": _cost_headers(),
+                                  "content": {"application/json": {"examples": {
+                                      "embeddings": {"summary": "Embeddings", "value": infer_answer}}}}},
+                          **_embedding_errors(openai=False)},
+        },
+    }
+
+
+def _merge(target: dict, patch: dict) -> None:
+    for key, value in patch.items():
+        if isinstance(value, dict) and isinstance(target.get(key), dict) and "$ref" not in value:
+            _merge(target[key], value)
+        else:
+            target[key] = copy.deepcopy(value)
+
+
+def _is_public(method: str, path: str) -> bool:
+    return is_public(method.upper(), _PATH_PARAM.sub("x", path))
+
+
+def build_openapi(app: FastAPI, model_name: str, dimension: int) -> dict[str, Any]:
+    document = get_openapi(
+        title=f"{model_name} embedding server",
+        version=app.version,
+        openapi_version=app.openapi_version,
+        summary=f"Sentence embeddings of {model_name}: {dimension} numbers per text",
+        description=(
+            "Embeddings through the original service's `/embedding`, KServe V1 and V2 (Open Inference Protocol), "
+            "and OpenAI's embeddings API.\n\n"
+            "**API key**: every route that embeds needs `X-Api-Key: <key>` or `Authorization: Bearer <key>` "
+            "(use *Authorize*). Health, readiness, metrics and these docs are public.\n\n"
+            "Every answer carries `X-Request-Id` (yours if you sent one, else a new one) to find it in the logs."
+        ),
+        routes=app.routes,
+        tags=[{"name": "Legacy", "description": "The original service's routes"},
+              {"name": "OpenAI", "description": "OpenAI-compatible embeddings"},
+              {"name": "V1", "description": "KServe V1 protocol"},
+              {"name": "V2", "description": "Open Inference Protocol (KServe V2)"}],
+        servers=app.servers or None,
+    )
+    components = document.setdefault("components", {})
+    components.setdefault("schemas", {}).update(_schemas(model_name, dimension))
+    components.setdefault("responses", {}).update(_responses())
+    if "HTTPValidationError" in components["schemas"]:  # FastAPI's own 422 for KServe's typed bodies
+        components["responses"]["Unprocessable"]["content"]["application/json"]["schema"] = {
+            "anyOf": [_ref("schemas", "Error"), _ref("schemas", "HTTPValidationError")]}
+    components["securitySchemes"] = {
+        "ApiKeyAuth": {"type": "apiKey", "in": "header", "name": "X-Api-Key",
+                       "description": "The server's API key (env API_KEY, API_KEYS or API_KEY_FILE)"},
+        "BearerAuth": {"type": "http", "scheme": "bearer", "description": "The same key as a bearer token"},
+    }
+    patches = _operations(model_name, dimension)
+    for path, operations in document.get("paths", {}).items():
+        for method, operation in operations.items():
+            _merge(operation, patches.get((path, method), {}))
+            if _is_public(method, path):
+                operation["security"] = []
+                continue
+            operation["security"] = copy.deepcopy(SECURITY)
+            if path.startswith(OPENAI_PATH_PREFIXES):
+                operation["responses"].setdefault("401", _ref("responses", "OpenAIUnauthorized"))
+            else:
+                operation["responses"].setdefault("401", _ref("responses", "MissingKey"))
+                operation["responses"].setdefault("403", _ref("responses", "WrongKey"))
+    return document
+
+
+def install_api_docs(app: FastAPI, model_name: str, dimension: int) -> None:
+    """Serve the completed OpenAPI document at /openapi.json and Swagger UI at /docs.
+
+    The document is built on its first request, after KServe has added its V1/V2 routes at start.
+    """
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = build_openapi(app, model_name, dimension)
+        return app.openapi_schema
+
+    app.openapi = openapi
+    existing = {getattr(route, "path", None) for route in app.routes}
+    if app.openapi_url is None:
+        app.openapi_url = OPENAPI_PATH
+
+        async def openapi_json() -> dict[str, Any]:
+            return app.openapi()
+
+        app.add_api_route(OPENAPI_PATH, openapi_json, methods=["GET"], include_in_schema=False)
+    if DOCS_PATH not in existing:  # KServe adds its own with --enable_docs_url; it reads app.openapi too
+
+        async def docs(request: Request) -> HTMLResponse:
+            root = request.scope.get("root_path", "")
+            return get_swagger_ui_html(openapi_url=root + app.openapi_url, title=f"{model_name} embedding server",
+                                       oauth2_redirect_url=root + OAUTH2_REDIRECT_PATH)
+
+        async def oauth2_redirect() -> HTMLResponse:
+            return get_swagger_ui_oauth2_redirect_html()
+
+        app.add_api_route(DOCS_PATH, docs, methods=["GET"], include_in_schema=False)
+        app.add_api_route(OAUTH2_REDIRECT_PATH, oauth2_redirect, methods=["GET"], include_in_schema=False)
