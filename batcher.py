@@ -72,6 +72,7 @@ class Batcher:
         self.max_batch_tokens = max_batch_tokens
         self.max_queued_texts = max_queued_texts
         self._pending: list[tuple[_Request, int]] = []
+        self._waiting = 0  # texts accepted and not yet taken by a round, counting those being tokenized
         self._wakeup: asyncio.Event | None = None
         self._worker: asyncio.Task | None = None
         # One thread runs the model (its own intra-op threads use the cores); another tokenizes,
@@ -81,7 +82,7 @@ class Batcher:
 
     @property
     def queued_texts(self) -> int:
-        return len(self._pending)
+        return self._waiting
 
     async def tokenize(self, texts: list[str]) -> list[Tokenized]:
         loop = asyncio.get_running_loop()
@@ -90,9 +91,15 @@ class Batcher:
     async def embed(self, texts: list[str]) -> Embedded:
         if not texts:
             return Embedded(np.zeros((0, self.backend.dimension), dtype=np.float32), 0, 0)
-        if self.max_queued_texts and len(self._pending) + len(texts) > self.max_queued_texts:
-            raise Overloaded(f"{len(self._pending)} texts are waiting; try again shortly")
-        tokenized = await self.tokenize(texts)
+        # An empty queue takes any request (else one larger than the bound could never pass).
+        if self.max_queued_texts and self._waiting and self._waiting + len(texts) > self.max_queued_texts:
+            raise Overloaded(f"{self._waiting} texts are waiting; try again shortly")
+        self._waiting += len(texts)
+        try:
+            tokenized = await self.tokenize(texts)
+        except BaseException:
+            self._waiting -= len(texts)
+            raise
         self._ensure_worker()
         loop = asyncio.get_running_loop()
         request = _Request(
@@ -125,6 +132,7 @@ class Batcher:
             await self._wakeup.wait()
             self._wakeup.clear()
             round_, self._pending = self._pending, []
+            self._waiting -= len(round_)
             # A request whose client went away has a cancelled future: its texts are not computed.
             round_ = [(req, i) for req, i in round_ if not req.future.done()]
             if not round_:

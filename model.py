@@ -125,6 +125,7 @@ def main(argv: list[str] | None = None) -> None:
         settings = Settings.from_env()
     except SettingsError as exc:
         sys.exit(f"Configuration error: {exc}")
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(process)d %(name)s %(levelname)s %(message)s")
     args = build_parser(settings).parse_args(argv)
     if args.workers != 1:
         sys.exit("--workers must be 1: the batcher gathers all requests of one process; scale with replicas")

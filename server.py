@@ -61,6 +61,8 @@ def create_server(model: Model, settings: Settings, args: argparse.Namespace, di
         enable_docs_url=args.enable_docs_url,
         grace_period=settings.grace_period,
     )
+    # uvicorn's access log writes the query string, where a careless client may put its key.
+    logging.getLogger("uvicorn.access").disabled = True
     register_legacy_routes(app, server.dataplane, model.name, settings)
     register_openai_routes(app, server.dataplane, model.name, dimension)
     register_error_handlers(app)
