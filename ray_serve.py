@@ -226,6 +226,12 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     return EmbeddingDeployment.options(**deployment_options(ray_settings)).bind(asdict(config))
 
 
+def _consume_outcome(task: asyncio.Future) -> None:
+    """The cancelled call's outcome, which no one awaits any more (else asyncio logs it as never retrieved)."""
+    if not task.cancelled():
+        task.exception()
+
+
 def portable(body: Any) -> Any:
     """The request as Ray can pickle it: a gRPC InferRequest keeps its parameters as a protobuf map."""
     if isinstance(body, InferRequest) and body.parameters is not None and not isinstance(body.parameters, dict):
@@ -256,8 +262,18 @@ class RayEmbeddingModel(RayModel):
             if remaining <= 0:
                 break
             response = self._handle.remote(body, headers=headers)
+            waiter = asyncio.ensure_future(response)
             try:
-                return await asyncio.wait_for(response, timeout=remaining)
+                done, _ = await asyncio.wait({waiter}, timeout=remaining)
+            except asyncio.CancelledError:  # the client went away: so does the replica's work
+                response.cancel()
+                raise
+            if not done:
+                response.cancel()
+                waiter.add_done_callback(_consume_outcome)
+                raise ReplicaUnavailable(f"no replica answered within {self.timeout:g}s")
+            try:
+                return waiter.result()
             except RayTaskError as exc:  # the replica raised: the request's own error (400, 413, 422, 429)
                 if not isinstance(exc.cause, REPLICA_FAILURES):
                     raise exc.cause from None
@@ -266,9 +282,6 @@ class RayEmbeddingModel(RayModel):
                 failure = exc
             except (BackPressureError, DeploymentUnavailableError) as exc:
                 raise ReplicaUnavailable(str(exc)) from None
-            except asyncio.TimeoutError:
-                response.cancel()
-                raise ReplicaUnavailable(f"no replica answered within {self.timeout:g}s") from None
             # The router has dropped the dead replica by now; the next attempt goes to another one.
             logger.warning("replica failed (attempt %d of %d): %s", attempt + 1, self.retries + 1,
                            type(failure).__name__)

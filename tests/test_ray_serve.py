@@ -5,6 +5,7 @@ One local Ray instance (2 CPUs, loopback only) with two replicas of half a CPU e
 from __future__ import annotations
 
 import ast
+import asyncio
 import importlib
 import json
 import os
@@ -24,6 +25,7 @@ import yaml
 pytest.importorskip("ray.serve", reason="ray[serve] is not installed (requirements.txt pins it)")
 
 from kserve.protocol.grpc import grpc_predict_v2_pb2 as pb  # noqa: E402
+from ray import serve  # noqa: E402
 from kserve.protocol.grpc import grpc_predict_v2_pb2_grpc as pb_grpc  # noqa: E402
 from kserve.protocol.infer_type import InferResponse  # noqa: E402
 
@@ -220,6 +222,89 @@ def test_a_killed_replica_is_replaced_and_no_request_hangs(ray_server):
     assert len(seen) == REPLICAS and (victim_id, victim_pid) not in seen, seen
 
 
+def test_with_every_replica_killed_requests_end_in_bounded_time(ray_server):
+    """No replica at all for a while: each request gets 200 (once a new one is up) or a 503 JSON error in time."""
+    pids = {pid for _, pid in (replica_of(v1_batch(ray_server, [f"warm {i}"])) for i in range(8))}
+    assert len(pids) == REPLICAS
+    request_timeout = 30  # RAY_REQUEST_TIMEOUT of the fixture
+
+    def one(i: int):
+        started = time.monotonic()
+        try:
+            response = v1_batch(ray_server, [f"orphan {i}"], timeout=request_timeout + 15)
+        except requests.Timeout:
+            return "timeout", time.monotonic() - started
+        if response.status_code == 503:
+            assert response.json()["error"]
+        return response.status_code, time.monotonic() - started
+
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+    with ThreadPoolExecutor(6) as pool:
+        results = list(pool.map(one, range(12)))
+    assert {status for status, _ in results} <= {200, 503}, results
+    assert max(elapsed for _, elapsed in results) < request_timeout + 10, results
+
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        with ThreadPoolExecutor(4) as pool:
+            responses = list(pool.map(lambda i: v1_batch(ray_server, [f"back {i}"]), range(8)))
+        alive = {replica_of(r) for r in responses if r.status_code == 200}
+        if len(alive) == REPLICAS:
+            break
+        time.sleep(2)
+    assert len(alive) == REPLICAS and not {pid for _, pid in alive} & pids, alive
+
+
+# --- the front's handling of replicas, on Serve's in-process testing mode --------------------------------------
+
+@serve.deployment
+class Stuck:
+    """A replica that never answers in time: a hung backend, a lost node."""
+
+    async def __call__(self, body, headers=None):
+        await asyncio.sleep(60)
+        return body, {}
+
+
+@serve.deployment
+class Echo:
+    async def __call__(self, body, headers=None):
+        return body, dict(headers or {})
+
+
+def call_model(model, body, headers=None, settle: float = 0.0):
+    async def run():
+        try:
+            return await model(body, headers=headers)
+        finally:
+            await asyncio.sleep(settle)  # lets a cancelled call finish before the loop closes
+
+    return asyncio.run(run())
+
+
+def test_a_stuck_replica_gets_a_503_in_bounded_time():
+    from ray_serve import RayEmbeddingModel, ReplicaUnavailable
+
+    handle = serve.run(Stuck.bind(), name="stuck", route_prefix=None, _local_testing_mode=True)
+    model = RayEmbeddingModel(MODEL_NAME, handle, timeout=0.5, retries=2)
+    started = time.monotonic()
+    with pytest.raises(ReplicaUnavailable) as caught:
+        call_model(model, {"instances": ["x"]}, settle=0.2)
+    assert time.monotonic() - started < 3
+    assert "within 0.5s" in caught.value.reason  # gRPC's interceptor reads .reason
+
+
+def test_the_key_stays_in_the_front_process():
+    from ray_serve import RayEmbeddingModel
+
+    handle = serve.run(Echo.bind(), name="echo", route_prefix=None, _local_testing_mode=True)
+    model = RayEmbeddingModel(MODEL_NAME, handle, timeout=5, retries=0)
+    body, headers = call_model(model, {"instances": ["x"]},
+                               {"X-Api-Key": TEST_KEY, "authorization": f"Bearer {TEST_KEY}", "x-request-id": "r1"})
+    assert body == {"instances": ["x"]} and headers == {"x-request-id": "r1"}
+
+
 # --- the settings ---------------------------------------------------------------------------------------------
 
 def test_ray_settings_come_from_the_environment():
@@ -310,6 +395,15 @@ def test_containers_run_one_image_with_resources(rayservice):
             assert {"cpu", "memory"} <= set(container["resources"][kind]), container["name"]
 
 
+def test_every_container_starts_ray_itself(rayservice):
+    """With ray.io/overwrite-container-cmd KubeRay adds no command anywhere: a worker without one would run
+    the image's CMD (model.py) and never join the cluster."""
+    assert rayservice["metadata"]["annotations"]["ray.io/overwrite-container-cmd"] == "true"
+    for container in containers(rayservice):
+        assert container["command"] == ["/bin/bash", "-c", "--"], container["name"]
+        assert 'exec /bin/bash -c "$KUBERAY_GEN_RAY_START_CMD"' in container["args"][0], container["name"]
+
+
 def test_api_key_comes_from_a_secret(rayservice):
     env = {e["name"]: e for c in containers(rayservice) for e in c.get("env", [])}
     assert set(env["API_KEY"]["valueFrom"]["secretKeyRef"]) == {"name", "key"}
@@ -338,5 +432,4 @@ def test_front_service_keeps_the_single_process_ports(manifest, rayservice):
     assert (ports["http"]["port"], ports["grpc"]["port"]) == (8080, 8081)
     assert head_ports[ports["http"]["targetPort"]] == int(env["PORT"])
     assert head_ports[ports["grpc"]["targetPort"]] == int(env["GRPC_PORT"])
-    assert "ray_serve.py --attach" in head["spec"]["containers"][0]["args"][0]
-    assert rayservice["metadata"]["annotations"]["ray.io/overwrite-container-cmd"] == "true"
+    assert "python ray_serve.py --attach" in head["spec"]["containers"][0]["args"][0]
