@@ -241,10 +241,6 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False, default=str)
 
 
-class _OurHandler(logging.StreamHandler):
-    """Marks the handler configure_logging installed, so that a second call replaces it."""
-
-
 def configure_logging(level: str = "INFO", fmt: str = "text", stream: IO[str] | None = None) -> logging.Handler:
     """Every logger of the process to one handler in one format, whether or not KServe configured logging first.
 
@@ -256,10 +252,10 @@ def configure_logging(level: str = "INFO", fmt: str = "text", stream: IO[str] | 
     level = level.upper()
     if fmt not in LOG_FORMATS:
         raise ValueError(f"log format must be one of {', '.join(LOG_FORMATS)}, not {fmt!r}")
-    handler = _OurHandler(stream if stream is not None else sys.stderr)
+    handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT, TEXT_DATE_FORMAT))
     root = logging.getLogger()
-    for old in [h for h in root.handlers if isinstance(h, _OurHandler)]:
+    for old in root.handlers[:]:  # basicConfig's or our previous one: each line is written once
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level)

@@ -240,7 +240,8 @@ def test_configure_logging_wins_over_kserves_whatever_the_order(saved_logging, k
 
     for name in ("kserve", "kserve.trace", "uvicorn", "uvicorn.error", "uvicorn.access"):
         logging.getLogger(name).handlers = []
-    stream = io.StringIO()
+    stream, earlier = io.StringIO(), io.StringIO()
+    logging.getLogger().addHandler(logging.StreamHandler(earlier))  # what logging.basicConfig() leaves
     if kserve_first:
         kserve.logging.configure_logging()
     configure_logging("info", "json", stream=stream)
@@ -251,8 +252,11 @@ def test_configure_logging_wins_over_kserves_whatever_the_order(saved_logging, k
     logging.getLogger("kserve.trace").info("timing line, only at DEBUG")
     logging.getLogger("some.module").debug("below the level")
     assert not logging.getLogger("uvicorn.access").hasHandlers()  # uvicorn then writes no access line
+    logging.getLogger("some.module").warning("once")
+    assert earlier.getvalue() == ""  # replaced, so no line is written twice
     entries = [json.loads(line) for line in stream.getvalue().splitlines()]
-    assert [(e["logger"], e["message"]) for e in entries] == [("kserve", "from kserve"), ("uvicorn.error", "from uvicorn")]
+    assert [(e["logger"], e["message"]) for e in entries] == [
+        ("kserve", "from kserve"), ("uvicorn.error", "from uvicorn"), ("some.module", "once")]
     configure_logging("DEBUG", "text", stream=stream)  # a second call replaces the handler, no duplicates
     logging.getLogger("kserve.trace").debug("timing")
     assert stream.getvalue().count("timing") == 1
@@ -274,7 +278,8 @@ def delta(before: dict, after: dict, name: str, **labels: str) -> float:
 
 def test_metrics_add_up_after_known_traffic(server):
     url, key = server.url, server.key
-    embed, predict, openai = f"{url}/embedding", f"{url}/v1/models/all-MiniLM-L6-v2:predict", f"{url}/openai/v1/embeddings"
+    embed, openai = f"{url}/embedding", f"{url}/openai/v1/embeddings"
+    predict = f"{url}/v1/models/all-MiniLM-L6-v2:predict"
     long_text = "many words " * 300  # over the model's 256 tokens: truncated
     request_id = f"itest-{uuid.uuid4().hex}"
     before = scrape(url)
