@@ -156,7 +156,8 @@ def _operations(model_name: str, dimension: int) -> dict[tuple[str, str], dict]:
         }),
     }
     legacy_answer = {"description": "The embeddings, in the form the request used", "headers": _cost_headers(),
-                     "content": _json({"oneOf": [_ref("schemas", "LegacyIdMapResponse"), _ref("schemas", "Predictions")]}, {
+                     "content": _json({"oneOf": [_ref("schemas", "LegacyIdMapResponse"),
+                                                 _ref("schemas", "Predictions")]}, {
                          "ids": ("For the ID form", {"doc1": str(EXAMPLE_VECTOR), "doc2": str(EXAMPLE_VECTOR)}),
                          "instances": ("For the instances form", predictions),
                      })}
@@ -215,7 +216,8 @@ def _operations(model_name: str, dimension: int) -> dict[tuple[str, str], dict]:
         ("/v1/embeddings", "post"): openai_embeddings,
         ("/openai/v1/models", "get"): {
             "summary": "List models (OpenAI-compatible)",
-            "responses": {"200": {"description": "The served model", "content": _json(_ref("schemas", "OpenAIModelList"), {
+            "responses": {"200": {"description": "The served model",
+                                  "content": _json(_ref("schemas", "OpenAIModelList"), {
                 "list": ("One model", {"object": "list", "data": [
                     {"id": model_name, "object": "model", "created": 0, "owned_by": "kserve"}]})})}},
         },

@@ -154,7 +154,8 @@ def test_error_answers_are_documented_with_bodies(document):
         assert "Retry-After" in resolve(document, responses["429"])["headers"]
         assert "x-compute-tokens" in resolve(document, responses["200"])["headers"]
     legacy_403 = resolve(document, document["paths"]["/embedding"]["post"]["responses"]["403"])
-    assert list(legacy_403["content"]["application/json"]["examples"].values())[0]["value"]["error"] == "Invalid API key"
+    example = next(iter(legacy_403["content"]["application/json"]["examples"].values()))
+    assert example["value"]["error"] == "Invalid API key"
     openai_401 = resolve(document, document["paths"]["/v1/embeddings"]["post"]["responses"]["401"])
     codes = {e["value"]["error"]["code"] for e in openai_401["content"]["application/json"]["examples"].values()}
     assert codes == {"missing_api_key", "invalid_api_key"}
