@@ -346,8 +346,9 @@ def main(argv: list[str] | None = None) -> None:
     elif ray_settings.attach:
         sys.exit("Configuration error: --attach needs RAY_ADDRESS (e.g. auto on a Ray node)")
     else:
-        context = ray.init(num_cpus=ray_settings.num_cpus, include_dashboard=False, runtime_env=runtime_env,
-                           log_to_driver=False)
+        # "local": a new instance even when another one on this machine left its address in /tmp/ray.
+        context = ray.init(address="local", num_cpus=ray_settings.num_cpus, include_dashboard=False,
+                           runtime_env=runtime_env, log_to_driver=False)
         # Where another front end can attach (RAY_ADDRESS=... python ray_serve.py --attach) and `ray status` looks.
         print(f"Ray instance: {context.address_info['gcs_address']}", flush=True)
     try:
