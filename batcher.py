@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from backends import Backend, Tokenized
+from observability import observe_batch, observe_queue_wait
 
 logger = logging.getLogger(__name__)
 
@@ -113,6 +114,7 @@ class Batcher:
         await request.future
         now = time.perf_counter()
         started = request.started or now
+        observe_queue_wait(started - request.enqueued)
         return Embedded(
             embeddings=request.out,
             tokens=sum(len(t.ids) for t in tokenized),
@@ -158,6 +160,7 @@ class Batcher:
                     req.future.set_exception(exc)
             return
         elapsed = time.perf_counter() - started
+        observe_batch(len(items), sum(len(row) for row in ids), elapsed)
         share = elapsed / len(items)
         for row, (req, i) in enumerate(items):
             req.out[i] = vectors[row]

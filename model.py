@@ -24,6 +24,7 @@ from adapters import (INPUT_NAME, OUTPUT_NAME, check_limits, cost_headers, infer
                       texts_from_instances)
 from backends import create_backend
 from batcher import Batcher, Embedded
+from observability import configure_logging
 from settings import Limits, Settings, SettingsError
 
 logger = logging.getLogger(__name__)
@@ -125,7 +126,7 @@ def main(argv: list[str] | None = None) -> None:
         settings = Settings.from_env()
     except SettingsError as exc:
         sys.exit(f"Configuration error: {exc}")
-    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(process)d %(name)s %(levelname)s %(message)s")
+    configure_logging(settings.log_level, settings.log_format)
     args = build_parser(settings).parse_args(argv)
     if args.workers != 1:
         sys.exit("--workers must be 1: the batcher gathers all requests of one process; scale with replicas")

@@ -15,9 +15,11 @@ from kserve.protocol.grpc.server import GRPCServer
 from kserve.protocol.grpc.servicer import InferenceServicer
 from starlette.middleware.cors import CORSMiddleware
 
+from api_docs import install_api_docs
 from auth_middleware import ApiKeyMiddleware, GrpcApiKeyInterceptor
 from errors import register_error_handlers
 from limits import BodyGuardMiddleware
+from observability import ObservabilityMiddleware
 from adapters import COST_HEADERS
 from routes import register_legacy_routes, register_openai_routes
 from settings import Settings
@@ -71,7 +73,9 @@ def create_server(model: Model, settings: Settings, args: argparse.Namespace, di
     app.add_middleware(BodyGuardMiddleware, max_body_bytes=settings.limits.max_body_bytes)
     app.add_middleware(ApiKeyMiddleware, keys=settings.api_keys)
     app.add_middleware(CORSMiddleware, allow_origins=["*"], allow_methods=CORS_METHODS, allow_headers=CORS_HEADERS,
-                       expose_headers=list(COST_HEADERS))
+                       expose_headers=[*COST_HEADERS, "x-request-id"])
+    app.add_middleware(ObservabilityMiddleware)  # outermost of ours: it sees the 401s and preflights too
+    install_api_docs(app, model.name, dimension)
     if args.enable_grpc:
         grpc_server = AuthGRPCServer(args.grpc_port, server.dataplane, server.model_repository_extension,
                                      kwargs=vars(args), grace_period=server.grace_period, keys=settings.api_keys)
