@@ -23,7 +23,16 @@ def test_plan_batches_sorts_longest_first_within_the_budget():
 
 def test_plan_batches_splits_a_large_client_batch():
     batches = plan_batches([10] * 1000, max_batch_tokens=640)
-    assert [len(b) for b in batches] == [64] * 15 + [40]
+    assert len(batches) == 16 and max(len(b) for b in batches) <= 64
+    assert sorted(i for b in batches for i in b) == list(range(1000))
+
+
+def test_plan_batches_keeps_short_texts_away_from_long_ones():
+    lengths = [256] * 4 + [12] * 60
+    batches = plan_batches(lengths, max_batch_tokens=8192)
+    padded = sum(len(b) * max(lengths[i] for i in b) for b in batches)
+    assert padded <= sum(lengths) * 1.05  # longest-first filling would pad 36 short rows to 256
+    assert {len(b) for b in batches} == {4, 60}
 
 
 @pytest.fixture(scope="module")
