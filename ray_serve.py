@@ -205,14 +205,8 @@ def deployment_options(ray_settings: RaySettings) -> dict[str, Any]:
     }
 
 
-def build_app(args: dict[str, Any]) -> serve.Application:
-    """The Serve application; also the import path of serveConfigV2 (`ray_serve:build_app`).
-
-    `args` may set any ReplicaConfig field; the rest come from the same environment as model.py.
-    Deployment options in serveConfigV2 (autoscaling, resources) override the ones set here.
-    """
-    settings = Settings.from_env()
-    ray_settings = RaySettings.from_env()
+def replica_config(settings: Settings, ray_settings: RaySettings, **overrides: Any) -> ReplicaConfig:
+    """The replicas' model, from the same environment as model.py; `overrides` are flags or serveConfigV2 args."""
     config = ReplicaConfig(
         model_name=settings.model_name,
         model_path=settings.model_path,
@@ -222,8 +216,20 @@ def build_app(args: dict[str, Any]) -> serve.Application:
         threads=replica_threads(ray_settings.replica_cpus),
         limits=asdict(settings.limits),
     )
-    config = ReplicaConfig(**{**asdict(config), **(args or {})})
+    return ReplicaConfig(**{**asdict(config), **overrides})
+
+
+def application(config: ReplicaConfig, ray_settings: RaySettings) -> serve.Application:
     return EmbeddingDeployment.options(**deployment_options(ray_settings)).bind(asdict(config))
+
+
+def build_app(args: dict[str, Any]) -> serve.Application:
+    """The import path of serveConfigV2 (`ray_serve:build_app`); `args` may set any ReplicaConfig field.
+
+    Deployment options in serveConfigV2 (autoscaling, resources) override the ones set here.
+    """
+    ray_settings = RaySettings.from_env()
+    return application(replica_config(Settings.from_env(), ray_settings, **(args or {})), ray_settings)
 
 
 def _consume_outcome(task: asyncio.Future) -> None:
@@ -355,11 +361,9 @@ def main(argv: list[str] | None = None) -> None:
         if ray_settings.attach:
             handle = wait_for_app(ray_settings.app_name, timeout=max(600.0, ray_settings.request_timeout))
         else:
-            config = ReplicaConfig(args.model_name, args.model_path, backend=args.backend, precision=args.precision,
-                                   max_batch_tokens=settings.max_batch_tokens,
-                                   threads=replica_threads(ray_settings.replica_cpus),
-                                   limits=asdict(settings.limits))
-            app = EmbeddingDeployment.options(**deployment_options(ray_settings)).bind(asdict(config))
+            config = replica_config(settings, ray_settings, model_name=args.model_name, model_path=args.model_path,
+                                    backend=args.backend, precision=args.precision)
+            app = application(config, ray_settings)
             # No Serve HTTP proxy: every request comes in through this process's KServe server.
             serve.start(proxy_location="Disabled")
             logger.info("Deploying %d..%d replicas of %s", ray_settings.min_replicas, ray_settings.max_replicas,
