@@ -17,6 +17,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # replicas get it through runtime_
 if not os.environ.get("RAY_ADDRESS"):
     # A local instance binds its GCS, raylet and workers to 127.0.0.1 (read when ray is imported).
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    # Ray starts workers at nice 15; here the replicas are the service, as model.py's process is.
+    os.environ.setdefault("RAY_worker_niceness", "0")
 
 import argparse
 import asyncio
