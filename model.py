@@ -47,18 +47,20 @@ class EmbedResult:
 
 class EmbeddingModel(Model):
     def __init__(self, name: str, model_path: str, backend: str = "auto", precision: str = "auto",
-                 max_batch_tokens: int = 8192, limits: Limits | None = None):
+                 max_batch_tokens: int = 8192, limits: Limits | None = None, threads: int | None = None):
         super().__init__(name, return_response_headers=True)
         self.model_path = model_path
         self.backend_name = backend
         self.precision = precision
         self.max_batch_tokens = max_batch_tokens
         self.limits = limits or Limits()
+        self.threads = threads  # None: every core this process may use
         self.backend = None
         self.batcher: Batcher | None = None
 
     def load(self) -> bool:
-        self.backend = create_backend(self.model_path, backend=self.backend_name, precision=self.precision)
+        self.backend = create_backend(self.model_path, backend=self.backend_name, precision=self.precision,
+                                      threads=self.threads)
         self.batcher = Batcher(self.backend, max_batch_tokens=self.max_batch_tokens,
                                max_queued_texts=self.limits.max_queued_texts)
         logger.info("Loaded %s from %s with backend %s (%d dims, %d tokens max)", self.name, self.model_path,
