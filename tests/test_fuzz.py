@@ -67,7 +67,7 @@ def fuzz_server(tmp_path_factory) -> RunningServer:
     running.stop()
 
 
-def load_schema(server: RunningServer, checks: list[str], headers: dict[str, str] | None = None,
+def load_schema(server: RunningServer, check_names: list[str], headers: dict[str, str] | None = None,
                 **parameters: str) -> schemathesis.BaseSchema:
     schema = schemathesis.openapi.from_url(f"{server.url}/openapi.json", timeout=30)
     assert schema.raw_schema.get("components", {}).get("securitySchemes"), \
@@ -78,7 +78,7 @@ def load_schema(server: RunningServer, checks: list[str], headers: dict[str, str
                   continue_on_failure=True)
     config.phases.update(phases=["examples", "coverage", "fuzzing"])
     config.generation.update(max_examples=MAX_EXAMPLES, deterministic=True, with_security_parameters=headers is None)
-    config.checks.update(included_check_names=checks)
+    config.checks.update(included_check_names=check_names)
     return schema
 
 
