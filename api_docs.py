@@ -33,6 +33,8 @@ COST_HEADER_DOCS = {
     "x-queue-time": "Milliseconds waited for a batch",
 }
 _PATH_PARAM = re.compile(r"\{[^}]+\}")
+# KServe routes for features this server does not serve (model versions, explainers): left out of the document.
+UNSERVED = re.compile(r"/versions/|:explain$")
 EXAMPLE_VECTOR = [0.0123, -0.0456, 0.0789]  # the real ones have `dimension` numbers
 
 
@@ -129,6 +131,18 @@ def _responses() -> dict[str, dict]:
                                                       "schema": {"type": "integer",
                                                                  "example": RETRY_AFTER_SECONDS}}}),
         "Unavailable": _error("The model is not loaded yet", "Model with name all-MiniLM-L6-v2 is not ready."),
+        "ModelNotFound": _error("No model of that name is served", "Model with name other does not exist."),
+        "OpenAITooLarge": {"description": "The body, the number of texts or one text is above the server's limit",
+                           "content": _json(_ref("schemas", "OpenAIError"), {"limit": ("Too many texts", {"error": {
+                               "message": "5000 texts in one request; the limit is 2048 (MAX_TEXTS_PER_REQUEST)",
+                               "type": "invalid_request_error", "param": None, "code": None}})})},
+        "OpenAIOverloaded": {"description": "The server has more texts queued than it takes on; retry after "
+                                            "Retry-After seconds",
+                             "headers": {"Retry-After": {"description": "Seconds to wait before retrying",
+                                                         "schema": {"type": "integer"}}},
+                             "content": _json(_ref("schemas", "OpenAIError"), {"busy": ("Overloaded", {"error": {
+                                 "message": "4096 texts are waiting; try again shortly", "type": "rate_limit_error",
+                                 "param": None, "code": None}})})},
     }
 
 
@@ -139,7 +153,9 @@ def _cost_headers() -> dict[str, dict]:
 def _embedding_errors(openai: bool) -> dict[str, dict]:
     errors = {"413": _ref("responses", "TooLarge"), "429": _ref("responses", "Overloaded"),
               "503": _ref("responses", "Unavailable")}
-    if not openai:
+    if openai:  # the OpenAI routes answer their limits in OpenAI's shape
+        errors |= {"413": _ref("responses", "OpenAITooLarge"), "429": _ref("responses", "OpenAIOverloaded")}
+    else:
         errors |= {"400": _ref("responses", "BadRequest"), "422": _ref("responses", "Unprocessable")}
     return errors
 
@@ -287,9 +303,21 @@ def build_openapi(app: FastAPI, model_name: str, dimension: int) -> dict[str, An
         "BearerAuth": {"type": "http", "scheme": "bearer", "description": "The same key as a bearer token"},
     }
     patches = _operations(model_name, dimension)
-    for path, operations in document.get("paths", {}).items():
+    paths = document.get("paths", {})
+    for path in [p for p in paths if UNSERVED.search(p)]:
+        del paths[path]
+    for path, operations in paths.items():
         for method, operation in operations.items():
             _merge(operation, patches.get((path, method), {}))
+            # KServe declares a model_version it does not implement (it answers 501): not offered here.
+            operation["parameters"] = [p for p in operation.get("parameters", []) if p.get("name") != "model_version"]
+            if not operation["parameters"]:
+                del operation["parameters"]
+            if "{model_name}" in path:
+                operation["responses"].setdefault("404", _ref("responses", "ModelNotFound"))
+            if path == "/metrics":
+                operation["responses"]["200"] = {"description": "Prometheus' text exposition format",
+                                                 "content": {"text/plain": {"schema": {"type": "string"}}}}
             if _is_public(method, path):
                 operation["security"] = []
                 continue

@@ -6,6 +6,7 @@ from http import HTTPStatus
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
 from kserve.errors import InvalidInput
 
 from batcher import Overloaded
@@ -50,8 +51,14 @@ async def _overloaded(_: Request, exc: Overloaded) -> JSONResponse:
     )
 
 
+async def _http_error(_: Request, exc: HTTPException) -> JSONResponse:
+    """Routing's 404/405 and FastAPI's body-parsing 400 in our shape, not FastAPI's {"detail": ...}."""
+    return JSONResponse(status_code=exc.status_code, content=error_body(str(exc.detail)), headers=exc.headers)
+
+
 def register_error_handlers(app: FastAPI) -> None:
     """Our statuses; KServe's own handlers (InvalidInput 400, ModelNotFound 404, ...) stay for the rest."""
     for cls in (BadRequest, Unprocessable, TooLarge):
         app.add_exception_handler(cls, _request_error)
     app.add_exception_handler(Overloaded, _overloaded)
+    app.add_exception_handler(HTTPException, _http_error)

@@ -14,6 +14,8 @@ from starlette.datastructures import Headers
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from adapters import OpenAIRequestError, openai_error_body
+from auth_middleware import OPENAI_PATH_PREFIXES
 from errors import error_body
 
 logger = logging.getLogger(__name__)
@@ -90,5 +92,9 @@ class BodyGuardMiddleware:
             watcher.cancel()
 
     async def _reject(self, scope: Scope, receive: Receive, send: Send) -> None:
-        response = JSONResponse(error_body(self.message), status_code=413, headers={"Connection": "close"})
+        if scope["path"].startswith(OPENAI_PATH_PREFIXES):
+            body = openai_error_body(OpenAIRequestError(self.message, status=413))
+        else:
+            body = error_body(self.message)
+        response = JSONResponse(body, status_code=413, headers={"Connection": "close"})
         await response(scope, receive, send)
