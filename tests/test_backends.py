@@ -217,3 +217,13 @@ def test_cache_dir_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch, t
     assert backends.model_cache_dir(model_path).parent == tmp_path
     monkeypatch.delenv("CACHE_DIR")
     assert backends.model_cache_dir(model_path).parent == Path.home() / ".cache" / "embedding-server"
+
+
+def test_padding_rounds_widths_up_so_openvino_sees_few_shapes() -> None:
+    """OpenVINO keeps memory per input shape; widths rounded up to 16 bound the shapes a batcher can make."""
+    input_ids, mask = backends.pad([[101, 7, 102], [101, 102]], pad_id=0, multiple=16)
+    assert input_ids.shape == mask.shape == (2, 16)
+    assert input_ids[0, :3].tolist() == [101, 7, 102] and not input_ids[0, 3:].any()
+    assert mask.sum(axis=1).tolist() == [3, 2]
+    assert backends.pad([[1] * 17], pad_id=0, multiple=16)[0].shape == (1, 32)
+    assert backends.pad([[1] * 5], pad_id=0)[0].shape == (1, 5)
