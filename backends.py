@@ -381,8 +381,8 @@ def resolve(backend: str = "auto", precision: str = "auto", flags: set[str] | No
     """The (backend, precision) pair that ``create_backend`` would build for these settings on this CPU.
 
     ``auto`` backend is OpenVINO: in bench/bench_backends.py (300 real texts, 8192-token batches, 2 cores with
-    AVX512-BF16) OpenVINO bf16 ran 2.4-2.8x torch fp32 and OpenVINO fp32 1.3-1.5x, the fastest gated pair at
-    each precision (torch bf16 1.3-1.7x, ONNX Runtime fp32 1.1x). Both pass the fidelity gate of
+    AVX512-BF16) OpenVINO bf16 ran 2.3-2.8x torch fp32 and OpenVINO fp32 1.2-1.5x, the fastest gated pair at
+    each precision (torch bf16 1.3-1.8x, ONNX Runtime fp32 1.0-1.1x). Both pass the fidelity gate of
     tests/test_backends.py (cosine to sentence-transformers fp32 >= 0.9999 bf16, >= 0.99999 fp32).
     ``auto`` precision is bf16 where the CPU has AMX or AVX512-BF16 (native bf16 arithmetic; elsewhere bf16 is
     emulated and slower), fp32 elsewhere or when the backend offers only fp32.
