@@ -41,7 +41,7 @@ from ray.serve.exceptions import (BackPressureError, DeploymentUnavailableError,
 from ray.serve.handle import DeploymentHandle
 
 from model import EmbeddingModel, build_parser, print_generated_key_banner
-from settings import TRUE_WORDS, Limits, Settings, SettingsError
+from settings import TRUE_WORDS, Limits, Settings, SettingsError, read_number
 
 logger = logging.getLogger(__name__)
 
@@ -63,32 +63,6 @@ class ReplicaUnavailable(ServerNotReady):
         self.reason = self.error_msg  # KServe's gRPC interceptor reads .reason
 
 
-def _env_int(env: Mapping[str, str], name: str, default: int, minimum: int) -> int:
-    raw = env.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise SettingsError(f"{name} must be a whole number, not {raw!r}") from None
-    if value < minimum:
-        raise SettingsError(f"{name} must be at least {minimum}, not {value}")
-    return value
-
-
-def _env_float(env: Mapping[str, str], name: str, default: float | None, minimum: float) -> float | None:
-    raw = env.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise SettingsError(f"{name} must be a number, not {raw!r}") from None
-    if value < minimum:
-        raise SettingsError(f"{name} must be at least {minimum}, not {value}")
-    return value
-
-
 @dataclass(frozen=True)
 class RaySettings:
     """The Ray-only settings, from RAY_* variables (each also a flag of `python ray_serve.py`)."""
@@ -107,18 +81,19 @@ class RaySettings:
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> RaySettings:
         env = os.environ if env is None else env
-        min_replicas = _env_int(env, "RAY_MIN_REPLICAS", cls.min_replicas, minimum=0)
-        num_cpus = _env_int(env, "RAY_NUM_CPUS", 0, minimum=0) or None
+        min_replicas = read_number(env, "RAY_MIN_REPLICAS", cls.min_replicas, 0)
+        num_cpus = read_number(env, "RAY_NUM_CPUS", 0, 0) or None
         return cls(
             min_replicas=min_replicas,
-            max_replicas=_env_int(env, "RAY_MAX_REPLICAS", max(cls.max_replicas, min_replicas), minimum=1),
-            target_ongoing_requests=_env_float(env, "RAY_TARGET_ONGOING_REQUESTS", cls.target_ongoing_requests, 0.1),
-            max_ongoing_requests=_env_int(env, "RAY_MAX_ONGOING_REQUESTS", cls.max_ongoing_requests, minimum=1),
-            replica_cpus=_env_float(env, "RAY_REPLICA_CPUS", cls.replica_cpus, 0.01),
+            max_replicas=read_number(env, "RAY_MAX_REPLICAS", max(cls.max_replicas, min_replicas), 1),
+            target_ongoing_requests=read_number(env, "RAY_TARGET_ONGOING_REQUESTS", cls.target_ongoing_requests, 0.1,
+                                                kind=float),
+            max_ongoing_requests=read_number(env, "RAY_MAX_ONGOING_REQUESTS", cls.max_ongoing_requests, 1),
+            replica_cpus=read_number(env, "RAY_REPLICA_CPUS", cls.replica_cpus, 0.01, kind=float),
             num_cpus=num_cpus,
             app_name=env.get("RAY_APP_NAME", "").strip() or DEFAULT_APP_NAME,
-            request_timeout=_env_float(env, "RAY_REQUEST_TIMEOUT", cls.request_timeout, 0.1),
-            retries=_env_int(env, "RAY_RETRIES", cls.retries, minimum=0),
+            request_timeout=read_number(env, "RAY_REQUEST_TIMEOUT", cls.request_timeout, 0.1, kind=float),
+            retries=read_number(env, "RAY_RETRIES", cls.retries, 0),
             attach=env.get("RAY_ATTACH", "").strip().lower() in TRUE_WORDS,
         )
 

@@ -123,6 +123,19 @@ def reference(model_path):
     return lambda texts: model.encode(list(texts), convert_to_numpy=True)
 
 
+def grpc_infer(server, texts: list[str], metadata=(), model_name: str = MODEL_NAME):
+    """One gRPC V2 ModelInfer call with a BYTES input of shape [n]."""
+    import grpc
+    from kserve.protocol.grpc import grpc_predict_v2_pb2 as pb
+    from kserve.protocol.grpc import grpc_predict_v2_pb2_grpc as pb_grpc
+
+    request = pb.ModelInferRequest(model_name=model_name, inputs=[pb.ModelInferRequest.InferInputTensor(
+        name="text", datatype="BYTES", shape=[len(texts)],
+        contents=pb.InferTensorContents(bytes_contents=[t.encode() for t in texts]))])
+    with grpc.insecure_channel(server.grpc_target) as channel:
+        return pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, metadata=metadata, timeout=60)
+
+
 def cosines(a, b) -> np.ndarray:
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     return (a * b).sum(axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))

@@ -9,7 +9,7 @@ import time
 
 import pytest
 import requests
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from adapters import check_limits, parse_legacy, parse_openai_embedding, texts_from_instances

@@ -5,7 +5,6 @@ import json
 import re
 import shlex
 import subprocess
-from pathlib import Path
 
 import grpc
 import numpy as np
@@ -15,7 +14,7 @@ from kserve.protocol.grpc import grpc_predict_v2_pb2 as pb
 from kserve.protocol.grpc import grpc_predict_v2_pb2_grpc as pb_grpc
 from kserve.protocol.infer_type import InferResponse
 
-from conftest import MODEL_NAME, ROOT, TEST_KEY, cosines, start_server
+from conftest import MODEL_NAME, ROOT, TEST_KEY, cosines, grpc_infer, start_server
 
 EXACT = 0.99999
 LONG_TEXT = " ".join(["The quick brown fox jumps over the lazy dog near the riverbank."] * 60)  # > 256 tokens
@@ -116,14 +115,6 @@ def test_v2_rejects_a_non_bytes_tensor(server):
 
 
 # --- gRPC V2 --------------------------------------------------------------------------------------------------
-
-def grpc_infer(server, texts: list[str], metadata=()):
-    request = pb.ModelInferRequest(model_name=MODEL_NAME, inputs=[pb.ModelInferRequest.InferInputTensor(
-        name="text", datatype="BYTES", shape=[len(texts)],
-        contents=pb.InferTensorContents(bytes_contents=[t.encode() for t in texts]))])
-    with grpc.insecure_channel(server.grpc_target) as channel:
-        return pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, metadata=metadata, timeout=60)
-
 
 @pytest.mark.parametrize("metadata", [(("x-api-key", TEST_KEY),), (("authorization", f"Bearer {TEST_KEY}"),)])
 def test_grpc_infer_matches_sentence_transformers(server, reference, metadata):

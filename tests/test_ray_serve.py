@@ -24,12 +24,10 @@ import yaml
 
 pytest.importorskip("ray.serve", reason="ray[serve] is not installed (requirements.txt pins it)")
 
-from kserve.protocol.grpc import grpc_predict_v2_pb2 as pb  # noqa: E402
 from ray import serve  # noqa: E402
-from kserve.protocol.grpc import grpc_predict_v2_pb2_grpc as pb_grpc  # noqa: E402
 from kserve.protocol.infer_type import InferResponse  # noqa: E402
 
-from conftest import MODEL_NAME, ROOT, TEST_KEY, cosines, start_server  # noqa: E402
+from conftest import MODEL_NAME, ROOT, TEST_KEY, cosines, grpc_infer, start_server  # noqa: E402
 
 EXACT = 0.99999
 V1 = f"/v1/models/{MODEL_NAME}:predict"
@@ -93,14 +91,6 @@ def test_legacy_embedding_matches_sentence_transformers(ray_server, reference):
     assert list(body) == ["a", "b"] and all(isinstance(v, str) for v in body.values())
     vectors = [json.loads(body["a"]), json.loads(body["b"])]
     assert cosines(vectors, reference(TEXTS[:2])).min() >= EXACT
-
-
-def grpc_infer(server, texts: list[str], metadata=()):
-    request = pb.ModelInferRequest(model_name=MODEL_NAME, inputs=[pb.ModelInferRequest.InferInputTensor(
-        name="text", datatype="BYTES", shape=[len(texts)],
-        contents=pb.InferTensorContents(bytes_contents=[t.encode() for t in texts]))])
-    with grpc.insecure_channel(server.grpc_target) as channel:
-        return pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, metadata=metadata, timeout=60)
 
 
 def test_grpc_matches_sentence_transformers(ray_server, reference):
