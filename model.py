@@ -47,7 +47,8 @@ class EmbedResult:
 
 class EmbeddingModel(Model):
     def __init__(self, name: str, model_path: str, backend: str = "auto", precision: str = "auto",
-                 max_batch_tokens: int = 8192, limits: Limits | None = None, threads: int | None = None):
+                 max_batch_tokens: int = 8192, limits: Limits | None = None, threads: int | None = None,
+                 cache_dir: str | None = None):
         super().__init__(name, return_response_headers=True)
         self.model_path = model_path
         self.backend_name = backend
@@ -55,12 +56,13 @@ class EmbeddingModel(Model):
         self.max_batch_tokens = max_batch_tokens
         self.limits = limits or Limits()
         self.threads = threads  # None: every core this process may use
+        self.cache_dir = cache_dir  # where converted models are kept; None: the backends' default
         self.backend = None
         self.batcher: Batcher | None = None
 
     def load(self) -> bool:
         self.backend = create_backend(self.model_path, backend=self.backend_name, precision=self.precision,
-                                      threads=self.threads)
+                                      threads=self.threads, cache_dir=self.cache_dir)
         self.batcher = Batcher(self.backend, max_batch_tokens=self.max_batch_tokens,
                                max_queued_texts=self.limits.max_queued_texts)
         logger.info("Loaded %s from %s with backend %s (%d dims, %d tokens max)", self.name, self.model_path,
@@ -138,7 +140,8 @@ def main(argv: list[str] | None = None) -> None:
     from server import create_server
 
     model = EmbeddingModel(args.model_name, args.model_path, backend=args.backend, precision=args.precision,
-                           max_batch_tokens=settings.max_batch_tokens, limits=settings.limits)
+                           max_batch_tokens=settings.max_batch_tokens, limits=settings.limits,
+                           cache_dir=settings.cache_dir)
     model.load()
     server: ModelServer = create_server(model, settings, args, dimension=model.backend.dimension)
     server.start([model])

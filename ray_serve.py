@@ -109,6 +109,7 @@ class ReplicaConfig:
     max_batch_tokens: int = 8192
     threads: int = 1
     limits: dict[str, int] = field(default_factory=dict)  # settings.Limits fields; the rest keep defaults
+    cache_dir: str | None = None
 
 
 def replica_threads(replica_cpus: float) -> int:
@@ -125,20 +126,13 @@ class EmbeddingDeployment:
         replica = ReplicaConfig(**config)
         self.model = EmbeddingModel(replica.model_name, replica.model_path, backend=replica.backend,
                                     precision=replica.precision, max_batch_tokens=replica.max_batch_tokens,
-                                    limits=Limits(**replica.limits))
+                                    limits=Limits(**replica.limits), threads=replica.threads,
+                                    cache_dir=replica.cache_dir)
         self.model.load()
-        self._limit_threads(replica.threads)
         context = serve.get_replica_context()
         self.replica = f"{context.replica_id.unique_id}/{os.getpid()}"
         logger.info("replica %s ready with backend %s, %d threads", self.replica, self.model.backend.name,
                     replica.threads)
-
-    def _limit_threads(self, threads: int) -> None:
-        # The backend sized its pool to the whole machine; replicas share it.
-        if self.model.backend.name.startswith("torch"):
-            import torch
-
-            torch.set_num_threads(threads)
 
     async def __call__(self, body: Any, headers: dict[str, str] | None = None) -> tuple[Any, dict[str, str]]:
         """preprocess -> predict -> postprocess, returning (response, response headers) as kserve.Model does."""
@@ -192,6 +186,7 @@ def replica_config(settings: Settings, ray_settings: RaySettings, **overrides: A
         max_batch_tokens=settings.max_batch_tokens,
         threads=replica_threads(ray_settings.replica_cpus),
         limits=asdict(settings.limits),
+        cache_dir=settings.cache_dir,
     )
     return ReplicaConfig(**{**asdict(config), **overrides})
 

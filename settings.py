@@ -110,6 +110,7 @@ class Settings:
     model_name: str
     backend: str
     precision: str
+    cache_dir: str | None
     max_batch_tokens: int
     limits: Limits
     grace_period: int
@@ -133,6 +134,7 @@ class Settings:
             model_name=env.get("MODEL_NAME", "").strip() or DEFAULT_MODEL_NAME,
             backend=_choice(env, "BACKEND", "auto", ("auto", "torch", "onnx", "openvino")),
             precision=_choice(env, "PRECISION", "auto", ("auto", "fp32", "bf16")),
+            cache_dir=env.get("CACHE_DIR", "").strip() or None,  # None: ~/.cache/embedding-server
             max_batch_tokens=_int(env, "MAX_BATCH_TOKENS", 8192, minimum=256),
             limits=Limits.from_env(env),
             # Kubernetes and Render wait 30 s after SIGTERM before SIGKILL: finish in-flight work before that.
@@ -146,6 +148,7 @@ class Settings:
             f"Settings(api_keys=<{len(self.api_keys)} hidden>, show_api_key_info={self.show_api_key_info}, "
             f"http_port={self.http_port}, grpc_port={self.grpc_port}, model_path={self.model_path!r}, "
             f"model_name={self.model_name!r}, backend={self.backend!r}, precision={self.precision!r}, "
+            f"cache_dir={self.cache_dir!r}, "
             f"max_batch_tokens={self.max_batch_tokens}, limits={self.limits}, grace_period={self.grace_period}, "
             f"log_level={self.log_level!r}, log_format={self.log_format!r})"
         )
