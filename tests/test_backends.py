@@ -219,11 +219,14 @@ def test_cache_dir_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch, t
     assert backends.model_cache_dir(model_path).parent == Path.home() / ".cache" / "embedding-server"
 
 
-def test_padding_rounds_widths_up_so_openvino_sees_few_shapes() -> None:
-    """OpenVINO keeps memory per input shape; widths rounded up to 16 bound the shapes a batcher can make."""
-    input_ids, mask = backends.pad([[101, 7, 102], [101, 102]], pad_id=0, multiple=16)
-    assert input_ids.shape == mask.shape == (2, 16)
+def test_padding_follows_the_shape_grid_so_openvino_sees_few_shapes() -> None:
+    """OpenVINO prepares kernels per input shape; a grid of widths and power-of-two rows makes shapes repeat."""
+    grid = backends.ShapeGrid(widths=(8, 16, 32), pow2_rows=True)
+    input_ids, mask = backends.pad([[101, 7, 102], [101, 102], [101, 5, 6, 7, 8, 9, 102, 4, 102]], pad_id=0, grid=grid)
+    assert input_ids.shape == mask.shape == (4, 16)
     assert input_ids[0, :3].tolist() == [101, 7, 102] and not input_ids[0, 3:].any()
-    assert mask.sum(axis=1).tolist() == [3, 2]
-    assert backends.pad([[1] * 17], pad_id=0, multiple=16)[0].shape == (1, 32)
-    assert backends.pad([[1] * 5], pad_id=0)[0].shape == (1, 5)
+    assert mask.sum(axis=1).tolist() == [3, 2, 9, 9]  # the added row repeats the last: no row is all padding
+    assert backends.pad([[1] * 33], pad_id=0, grid=grid)[0].shape == (1, 33)  # past the grid: as long as it is
+    assert backends.pad([[1] * 5, [1] * 3, [1]], pad_id=0)[0].shape == (3, 5)  # the exact grid adds nothing
+    assert backends.OPENVINO_GRID.width(26) == 32 and backends.OPENVINO_GRID.width(257) == 320
+    assert backends.OPENVINO_GRID.rows(np.array([1, 3, 8, 9])).tolist() == [1, 4, 8, 16]

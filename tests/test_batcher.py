@@ -5,7 +5,7 @@ import asyncio
 
 import pytest
 
-from backends import TorchBackend
+from backends import ShapeGrid, TorchBackend
 from batcher import Batcher, Overloaded, plan_batches
 from conftest import cosines
 
@@ -24,6 +24,17 @@ def test_plan_batches_splits_a_large_client_batch():
     batches = plan_batches([10] * 1000, max_batch_tokens=640)
     assert len(batches) == 16 and max(len(b) for b in batches) <= 64
     assert sorted(i for b in batches for i in b) == list(range(1000))
+
+
+def test_plan_batches_counts_the_shape_the_backend_pads_to():
+    grid = ShapeGrid(widths=(16, 32))
+    # Padded to 16, nine tokens cost sixteen: four rows fill a 64-token budget.
+    assert all(len(batch) <= 4 for batch in plan_batches([9] * 12, max_batch_tokens=64, shapes=grid))
+    # 17 tokens pad to 32: kept apart from the three 16s, which pad to 16 on their own.
+    assert plan_batches([16, 17, 16, 16], max_batch_tokens=1024, call_overhead_tokens=20, shapes=grid) == [[1], [0, 2, 3]]
+    # With rows padded to a power of two, twelve equal texts are cut 8 + 4 rather than padded to 16.
+    pow2 = ShapeGrid(widths=(16,), pow2_rows=True)
+    assert sorted(len(b) for b in plan_batches([10] * 12, max_batch_tokens=1024, call_overhead_tokens=20, shapes=pow2)) == [4, 8]
 
 
 def test_plan_batches_keeps_short_texts_away_from_long_ones():
@@ -45,6 +56,7 @@ class CountingBackend:
     def __init__(self, backend):
         self.inner, self.batches = backend, []
         self.name, self.dimension, self.max_seq_length = backend.name, backend.dimension, backend.max_seq_length
+        self.shapes = backend.shapes
 
     def tokenize(self, texts):
         return self.inner.tokenize(texts)
@@ -56,7 +68,8 @@ class CountingBackend:
 
 def test_concurrent_requests_are_batched_and_routed_back_in_order(backend, reference):
     counting = CountingBackend(backend)
-    requests = [[f"request {r} text {i} " + "word " * (r * 7 + i) for i in range(5)] for r in range(12)]
+    # Five lengths shared by every request: each length makes one batch that mixes all twelve requests.
+    requests = [[f"request {r} text {i} " + "word " * (i * 9) for i in range(5)] for r in range(12)]
 
     async def run():
         batcher = Batcher(counting, max_batch_tokens=4096)
