@@ -19,6 +19,7 @@ import numpy as np
 
 from backends import EXACT, Backend, ShapeGrid, Tokenized
 from observability import observe_batch, observe_queue_wait
+from settings import DEFAULT_MAX_BATCH_TOKENS
 
 logger = logging.getLogger(__name__)
 
@@ -90,7 +91,7 @@ def plan_batches(lengths: list[int], max_batch_tokens: int, call_overhead_tokens
 
 
 class Batcher:
-    def __init__(self, backend: Backend, max_batch_tokens: int = 8192, max_queued_texts: int = 0):
+    def __init__(self, backend: Backend, max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS, max_queued_texts: int = 0):
         self.backend = backend
         self.max_batch_tokens = max_batch_tokens
         self.max_queued_texts = max_queued_texts

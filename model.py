@@ -25,7 +25,7 @@ from adapters import (INPUT_NAME, OUTPUT_NAME, check_limits, cost_headers, infer
 from backends import create_backend
 from batcher import Batcher, Embedded
 from observability import configure_logging
-from settings import Limits, Settings, SettingsError
+from settings import DEFAULT_MAX_BATCH_TOKENS, Limits, Settings, SettingsError
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ class EmbedResult:
 
 class EmbeddingModel(Model):
     def __init__(self, name: str, model_path: str, backend: str = "auto", precision: str = "auto",
-                 max_batch_tokens: int = 8192, limits: Limits | None = None, threads: int | None = None,
+                 max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS, limits: Limits | None = None, threads: int | None = None,
                  cache_dir: str | None = None):
         super().__init__(name, return_response_headers=True)
         self.model_path = model_path

@@ -41,7 +41,7 @@ from ray.serve.exceptions import (BackPressureError, DeploymentUnavailableError,
 from ray.serve.handle import DeploymentHandle
 
 from model import EmbeddingModel, build_parser, print_generated_key_banner
-from settings import TRUE_WORDS, Limits, Settings, SettingsError, read_number
+from settings import DEFAULT_MAX_BATCH_TOKENS, TRUE_WORDS, Limits, Settings, SettingsError, read_number
 
 logger = logging.getLogger(__name__)
 
@@ -106,7 +106,7 @@ class ReplicaConfig:
     model_path: str
     backend: str = "auto"
     precision: str = "auto"
-    max_batch_tokens: int = 8192
+    max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS
     threads: int = 1
     limits: dict[str, int] = field(default_factory=dict)  # settings.Limits fields; the rest keep defaults
     cache_dir: str | None = None

@@ -9,6 +9,10 @@ from dataclasses import dataclass
 DEFAULT_MODEL_NAME = "all-MiniLM-L6-v2"
 DEFAULT_HTTP_PORT = 8080  # KServe's; Render sets PORT instead
 DEFAULT_GRPC_PORT = 8081
+# Token budget of one micro-batch. Measured on 2 cores with OpenVINO bf16: 1024-2048 tokens a batch run as fast as
+# 8192 or faster (the activations stay in cache) and hold far less memory (~460 MB vs ~910 MB peak for a process
+# embedding long texts in full batches).
+DEFAULT_MAX_BATCH_TOKENS = 2048
 TRUE_WORDS = {"1", "true", "yes", "on"}
 FALSE_WORDS = {"0", "false", "no", "off", ""}
 
@@ -135,7 +139,7 @@ class Settings:
             backend=_choice(env, "BACKEND", "auto", ("auto", "torch", "onnx", "openvino")),
             precision=_choice(env, "PRECISION", "auto", ("auto", "fp32", "bf16")),
             cache_dir=env.get("CACHE_DIR", "").strip() or None,  # None: ~/.cache/embedding-server
-            max_batch_tokens=_int(env, "MAX_BATCH_TOKENS", 8192, minimum=256),
+            max_batch_tokens=_int(env, "MAX_BATCH_TOKENS", DEFAULT_MAX_BATCH_TOKENS, minimum=256),
             limits=Limits.from_env(env),
             # Kubernetes and Render wait 30 s after SIGTERM before SIGKILL: finish in-flight work before that.
             grace_period=_int(env, "GRACE_PERIOD", 25),

@@ -489,6 +489,7 @@ def model_alone_main(texts_file: str, out_file: str, max_batch_tokens: int, in_f
     """Runs in a child process: the project's backend alone, no HTTP. Writes a JSON result."""
     sys.path.insert(0, str(REPO_DIR))
     import backends
+    from batcher import plan_batches
 
     texts = json.loads(Path(texts_file).read_text(encoding="utf-8"))
     model_path = os.environ.get("MODEL_PATH", "").strip()
@@ -502,17 +503,10 @@ def model_alone_main(texts_file: str, out_file: str, max_batch_tokens: int, in_f
     load_s = time.perf_counter() - t0
 
     def run(chunk: list[str]) -> None:
+        """Tokenize, then cut into batches as the server's batcher does (its plan, the backend's shape grid)."""
         tokens = backend.tokenize(chunk)
-        order = sorted(range(len(tokens)), key=lambda i: len(tokens[i].ids))
-        batch: list[list[int]] = []
-        for i in order:
-            ids = tokens[i].ids
-            if batch and (len(batch) + 1) * len(ids) > max_batch_tokens:
-                backend.embed(batch)
-                batch = []
-            batch.append(ids)
-        if batch:
-            backend.embed(batch)
+        for batch in plan_batches([len(t.ids) for t in tokens], max_batch_tokens, shapes=backend.shapes):
+            backend.embed([tokens[i].ids for i in batch])
 
     run(texts[:256])  # warm-up
     t0 = time.perf_counter()
@@ -833,8 +827,11 @@ def main() -> None:
         if not args.no_model_alone:
             print("\n== model alone (in-process backend, no HTTP)", flush=True)
             wait_until_quiet(args.wait_quiet)
+            sys.path.insert(0, str(REPO_DIR))
+            from settings import DEFAULT_MAX_BATCH_TOKENS
+
             rounds["model_alone"].append(model_alone(texts[: args.model_alone_texts], env,
-                                                     int(env.get("MAX_BATCH_TOKENS", 8192)),
+                                                     int(env.get("MAX_BATCH_TOKENS", DEFAULT_MAX_BATCH_TOKENS)),
                                                      args.clients * args.texts_per_request, round_dir))
     for name, runs in rounds.items():
         if runs:
