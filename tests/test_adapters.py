@@ -5,6 +5,8 @@ import json
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from kserve.protocol.infer_type import InferInput, InferRequest
 
 from adapters import (embedding_string, infer_response, legacy_response, parse_json, parse_legacy,
@@ -54,6 +56,20 @@ def test_embedding_string_is_the_legacy_format():
     assert text.startswith("[") and ", " in text
     assert text == str(row.tolist())
     np.testing.assert_array_equal(np.array(json.loads(text), dtype=np.float32), row)
+
+
+@given(st.lists(st.floats(width=32, allow_nan=True, allow_infinity=True), min_size=1, max_size=64))
+@settings(max_examples=500, deadline=None)
+def test_embedding_string_matches_str_of_the_list_for_every_float32(values):
+    """The fast path must write exactly what str() wrote: exponents, subnormals, zeros, huge and non-finite values."""
+    row = np.array(values, dtype=np.float32)
+    assert embedding_string(row) == str(row.tolist())
+
+
+def test_embedding_string_of_real_embeddings_with_small_values():
+    rows = (np.random.default_rng(7).standard_normal((200, 384)) * 0.05).astype(np.float32)
+    rows[0, :6] = [1e-5, -3.2e-7, 0.0, -0.0, 1.5e-4, 1e-45]
+    assert all(embedding_string(row) == str(row.tolist()) for row in rows)
 
 
 def test_legacy_response_shapes():
