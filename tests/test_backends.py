@@ -164,7 +164,9 @@ def test_pooling_and_normalisation_follow_the_model_config(name: str, precision:
     out = _embed_all(backend, sample)
     assert np.min(_cosines(out, expected)) >= MIN_COSINE[precision]
     norms, expected_norms = np.linalg.norm(out, axis=1), np.linalg.norm(expected, axis=1)
-    np.testing.assert_allclose(norms, expected_norms, rtol=1e-2 if precision == "bf16" else 1e-4)
+    # OpenVINO stores weights as fp16 (backends._export_openvino): lengths agree to ~2e-4 in fp32, not 1e-5.
+    rtol = 1e-2 if precision == "bf16" else 1e-3 if name == "openvino" else 1e-4
+    np.testing.assert_allclose(norms, expected_norms, rtol=rtol)
     assert np.all(np.abs(norms - 1.0) > 0.05), "no Normalize module, so the output must not be unit length"
     assert np.max(_cosines(out, reference[:24])) < 0.99, "CLS pooling must differ from the mean-pooled model"
 
