@@ -469,9 +469,9 @@ class OpenVINOBackend(_ExportedBackend):
 def resolve(backend: str = "auto", precision: str = "auto", flags: set[str] | None = None) -> tuple[str, str]:
     """The (backend, precision) pair that ``create_backend`` would build for these settings on this CPU.
 
-    ``auto`` backend is OpenVINO: in bench/bench_backends.py (300 real texts, 8192-token batches, 2 cores with
-    AVX512-BF16) OpenVINO bf16 ran 2.3-2.8x torch fp32 and OpenVINO fp32 1.2-1.5x, the fastest gated pair at
-    each precision (torch bf16 1.3-1.8x, ONNX Runtime fp32 1.0-1.1x). Both pass the fidelity gate of
+    ``auto`` backend is OpenVINO: in bench/bench_backends.py (300 real texts, 2048-token batches as the batcher
+    plans them, 2 cores with AVX512-BF16) OpenVINO bf16 ran 2.05x torch fp32 and OpenVINO fp32 1.23x, the fastest
+    gated pair at each precision (torch bf16 1.51x, ONNX Runtime fp32 0.93x). Both pass the fidelity gate of
     tests/test_backends.py (cosine to sentence-transformers fp32 >= 0.9999 bf16, >= 0.99999 fp32).
     ``auto`` precision is bf16 where the CPU has AMX or AVX512-BF16 (native bf16 arithmetic; elsewhere bf16 is
     emulated and slower), fp32 elsewhere or when the backend offers only fp32.

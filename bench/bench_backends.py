@@ -1,9 +1,10 @@
 """Throughput of each backend and precision on the same real texts, in one run, as ratios to torch fp32.
 
-Texts come from corpus.py, sorted by token length and cut into batches by a padded-token budget, as the
-server's batcher does. Backends take turns batch by batch so that a noisy neighbour hits all alike.
+Texts come from corpus.py, cut into batches by the server's own plan (batcher.plan_batches, with each
+backend's shape grid) within the token budget. Backends take turns pass by pass so that a noisy neighbour
+hits all alike; each keeps its best pass.
 
-    HF_HUB_OFFLINE=1 python bench/bench_backends.py [--texts 300] [--rounds 5] [--budget 8192]
+    HF_HUB_OFFLINE=1 python bench/bench_backends.py [--texts 300] [--rounds 5] [--budget 2048]
 """
 from __future__ import annotations
 
@@ -21,24 +22,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import backends  # noqa: E402
 import corpus  # noqa: E402
+from batcher import plan_batches  # noqa: E402
+from settings import DEFAULT_MAX_BATCH_TOKENS  # noqa: E402
 
 logger = logging.getLogger(__name__)
-
-
-def batches_by_budget(token_ids: list[list[int]], budget: int) -> list[list[int]]:
-    """Indices of texts sorted by length, grouped so that rows x longest row <= budget."""
-    order = sorted(range(len(token_ids)), key=lambda i: len(token_ids[i]))
-    groups: list[list[int]] = []
-    current: list[int] = []
-    for index in order:
-        width = len(token_ids[index])
-        if current and (len(current) + 1) * width > budget:
-            groups.append(current)
-            current = []
-        current.append(index)
-    if current:
-        groups.append(current)
-    return groups
 
 
 def run_once(backend: backends.Backend, token_ids: list[list[int]], groups: list[list[int]]) -> np.ndarray:
@@ -52,7 +39,7 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--texts", type=int, default=300)
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--budget", type=int, default=8192)
+    parser.add_argument("--budget", type=int, default=DEFAULT_MAX_BATCH_TOKENS)
     parser.add_argument("--cache-dir", default=None, help="default: a fresh temporary folder")
     parser.add_argument("--pairs", default="torch:fp32,torch:bf16,onnx:fp32,openvino:fp32,openvino:bf16")
     args = parser.parse_args()
@@ -78,35 +65,30 @@ def main() -> int:
 
     any_backend = next(iter(built.values()))
     token_ids = [t.ids for t in any_backend.tokenize(texts)]
-    groups = batches_by_budget(token_ids, args.budget)
-    tokens = sum(len(ids) for ids in token_ids)
-    print(f"{len(texts)} texts, {tokens} tokens after truncation at {any_backend.max_seq_length}, "
-          f"{sum(t.truncated for t in any_backend.tokenize(texts))} truncated, {len(groups)} batches "
-          f"(budget {args.budget}), {usable_cpus_text()}")
+    lengths = [len(ids) for ids in token_ids]
+    groups = {label: plan_batches(lengths, args.budget, shapes=backend.shapes) for label, backend in built.items()}
+    print(f"{len(texts)} texts, {sum(lengths)} tokens after truncation at {any_backend.max_seq_length}, "
+          f"{sum(t.truncated for t in any_backend.tokenize(texts))} truncated, budget {args.budget}, "
+          f"{usable_cpus_text()}")
 
     cosines: dict[str, float] = {}
     for label, backend in built.items():  # warm-up, and fidelity on the way
-        out = run_once(backend, token_ids, groups)
+        out = run_once(backend, token_ids, groups[label])
         cosines[label] = float(np.min(np.sum(out * reference, axis=1)))
-    # Interleaved batch by batch, so that every backend meets the same neighbours; the best of the rounds for each
-    # batch is kept, as contention only ever adds time.
-    best = {label: [float("inf")] * len(groups) for label in built}
-    totals: dict[str, list[float]] = {label: [0.0] * args.rounds for label in built}
-    for round_index in range(args.rounds):
-        for batch_index, group in enumerate(groups):
-            batch = [token_ids[i] for i in group]
-            for label, backend in built.items():
-                start = time.perf_counter()
-                backend.embed(batch)
-                elapsed = time.perf_counter() - start
-                best[label][batch_index] = min(best[label][batch_index], elapsed)
-                totals[label][round_index] += elapsed
+    # Interleaved pass by pass, so that every backend meets the same neighbours; the best pass is kept, as
+    # contention only ever adds time.
+    totals: dict[str, list[float]] = {label: [] for label in built}
+    for _ in range(args.rounds):
+        for label, backend in built.items():
+            start = time.perf_counter()
+            run_once(backend, token_ids, groups[label])
+            totals[label].append(time.perf_counter() - start)
 
     first = next(iter(built))
-    base = len(texts) / sum(best[first])
+    base = len(texts) / min(totals[first])
     print(f"{'backend':16s} {'texts/s':>8s} {'x ' + first:>12s} {'median pass':>12s} {'min cos':>9s}")
     for label in built:
-        rate = len(texts) / sum(best[label])
+        rate = len(texts) / min(totals[label])
         median = len(texts) / float(np.median(totals[label]))
         print(f"{label:16s} {rate:8.1f} {rate / base:12.2f} {median:12.1f} {cosines[label]:9.6f}")
     return 0

@@ -506,19 +506,21 @@ def test_render_env_is_what_settings_reads(render_service):
     from settings import Settings
 
     env = {item["key"]: item for item in render_service["envVars"]}
-    assert set(env) == {"API_KEY", "SHOW_API_KEY_INFO", "PORT"}
+    assert set(env) == {"API_KEY", "SHOW_API_KEY_INFO", "PORT", "MAX_QUEUED_TEXTS"}
     assert env["API_KEY"].get("generateValue") is True or env["API_KEY"].get("sync") is False
     assert "value" not in env["API_KEY"], "a key must never be written into the blueprint"
     literal = {name: item["value"] for name, item in env.items() if "value" in item}
     assert all(isinstance(value, str) for value in literal.values()), "Render wants string values"
     settings = Settings.from_env({**literal, "API_KEY": "generated-by-render"})
     assert settings.http_port == 10000 and settings.show_api_key_info is False
+    assert settings.limits.max_queued_texts == 1024
     assert settings.api_keys == ("generated-by-render",)
 
 
 def test_render_plan_holds_the_server(render_service, image):
     plan_mb = RENDER_PLAN_MB[render_service["plan"]]
-    # Batches of long texts roughly double the resident size of the idle server (bench/ measures the peak).
+    # The largest requests roughly double the resident size of the idle server (bench/peak_memory.py: 225 MB idle,
+    # 429-457 MB peak).
     assert plan_mb >= 2 * resident_mb(image.server)
 
 
