@@ -31,6 +31,7 @@ K8S_DIR = ROOT / "k8s"
 CPU_INDEX = "https://download.pytorch.org/whl/cpu"
 PYTHON_BASE = "python:3.11-slim"
 # Instance memory in MB, from Render's pricing page.
+PEAK_GROWTH_MB = 200  # bench/peak_memory.py: at most ~180 MB above a server that has answered one request
 RENDER_PLAN_MB = {"free": 512, "starter": 512, "standard": 2048, "pro": 4096, "pro_plus": 8192,
                   "pro_max": 16384, "pro_ultra": 32768}
 # Variables that Python, pip, the venv or huggingface_hub read, rather than settings.py / backends.py.
@@ -519,9 +520,9 @@ def test_render_env_is_what_settings_reads(render_service):
 
 def test_render_plan_holds_the_server(render_service, image):
     plan_mb = RENDER_PLAN_MB[render_service["plan"]]
-    # The largest requests roughly double the resident size of the idle server (bench/peak_memory.py: 225 MB idle,
-    # 429-457 MB peak).
-    assert plan_mb >= 2 * resident_mb(image.server)
+    # The image's server has answered one request here. bench/peak_memory.py measured what the largest requests the
+    # limits admit add on top: 225 MB idle -> ~275 MB after a first request -> 429 MB peak (bf16), 457 MB (fp32).
+    assert plan_mb >= resident_mb(image.server) + PEAK_GROWTH_MB
 
 
 def test_render_health_path_is_public(render_service, image):
