@@ -24,9 +24,9 @@ import shutil
 import sys
 import tempfile
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Sequence
 from typing import Protocol
 
 import numpy as np
@@ -36,8 +36,8 @@ logger = logging.getLogger(__name__)
 EXPORT_FORMAT = 5  # bump when the exported graph or its metadata change shape
 BACKENDS = ("torch", "onnx", "openvino")
 # OpenVINO prepares kernels for every input shape it meets (~3.6 ms a new shape here, as much as 50 tokens of work)
-# and keeps them, with some memory, in a cache of this many shapes: room for every shape of its grid at the default
-# batch budget (about 100 at 2048 tokens).
+# and keeps them, with some memory, in a cache of this many shapes (its default, 5000, let memory grow with every
+# new shape): room for every shape of OPENVINO_GRID at the default batch budget (91 for 256 tokens and 2048).
 OPENVINO_SHAPE_CACHE = 128
 PRECISIONS = ("fp32", "bf16")
 # Backend and precision pairs that pass the fidelity gate in tests/test_backends.py.
@@ -91,7 +91,6 @@ class Backend(Protocol):
     dimension: int
     max_seq_length: int
     shapes: ShapeGrid  # embed pads each batch up to its shape in this grid
-
 
     def tokenize(self, texts: list[str]) -> list[Tokenized]: ...
 
@@ -450,8 +449,6 @@ class OpenVINOBackend(_ExportedBackend):
             "INFERENCE_NUM_THREADS": threads or usable_cpus(),
             "PERFORMANCE_HINT": "LATENCY",
             "NUM_STREAMS": 1,
-            # Kernels prepared per input shape are cached; the default (5000 shapes) lets memory grow by a few MB
-            # with every new (rows, tokens) shape the batcher makes. A small cache bounds it.
             "CPU_RUNTIME_CACHE_CAPACITY": OPENVINO_SHAPE_CACHE,
         }
         self._compiled = core.compile_model(core.read_model(str(folder / "model.xml")), "CPU", config)
