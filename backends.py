@@ -31,6 +31,8 @@ from typing import Protocol
 
 import numpy as np
 
+from settings import read_cache_dir
+
 logger = logging.getLogger(__name__)
 
 EXPORT_FORMAT = 5  # bump when the exported graph or its metadata change shape
@@ -222,7 +224,7 @@ class TorchBackend:
 
 def default_cache_root() -> Path:
     """``CACHE_DIR`` if set, else ``~/.cache/embedding-server``."""
-    root = os.environ.get("CACHE_DIR", "").strip()
+    root = read_cache_dir(os.environ)
     return Path(root) if root else Path.home() / ".cache" / "embedding-server"
 
 

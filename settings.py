@@ -52,6 +52,11 @@ def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 1) -> i
     return read_number(env, name, default, minimum)
 
 
+def read_cache_dir(env: Mapping[str, str]) -> str | None:
+    """CACHE_DIR: where converted models are kept; None for the backends' default, ~/.cache/embedding-server."""
+    return env.get("CACHE_DIR", "").strip() or None
+
+
 def _choice(env: Mapping[str, str], name: str, default: str, options: tuple[str, ...]) -> str:
     value = env.get(name, "").strip().lower() or default
     if value not in options:
@@ -138,7 +143,7 @@ class Settings:
             model_name=env.get("MODEL_NAME", "").strip() or DEFAULT_MODEL_NAME,
             backend=_choice(env, "BACKEND", "auto", ("auto", "torch", "onnx", "openvino")),
             precision=_choice(env, "PRECISION", "auto", ("auto", "fp32", "bf16")),
-            cache_dir=env.get("CACHE_DIR", "").strip() or None,  # None: ~/.cache/embedding-server
+            cache_dir=read_cache_dir(env),
             max_batch_tokens=_int(env, "MAX_BATCH_TOKENS", DEFAULT_MAX_BATCH_TOKENS, minimum=256),
             limits=Limits.from_env(env),
             # Kubernetes and Render wait 30 s after SIGTERM before SIGKILL: finish in-flight work before that.
