@@ -21,8 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from run import (API_KEY, MODEL_NAME, REPO_DIR, ServerSpec, free_port, load_corpus, start_server,
-                 stop_server_proc)
+from run import API_KEY, MODEL_NAME, load_corpus, ours_spec, start_server, stop_server_proc
 
 MAX_TEXTS = 2048  # settings.Limits' default
 TEXT_CHARS = 900
@@ -77,10 +76,8 @@ def main() -> int:
     ]
     print(f"corpus: {source}; requests of {MAX_TEXTS} texts of {TEXT_CHARS} characters "
           f"({max(len(b) for _, b in bodies) / 1e6:.2f} MB bodies), {args.clients} clients, {args.duration:.0f} s")
-    port = free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("API_KEY", "API_KEYS", "API_KEY_FILE")}
-    env.update({"PORT": str(port), "GRPC_PORT": str(free_port()), "API_KEY": API_KEY, "HF_HUB_OFFLINE": "1"})
-    spec = ServerSpec("ours", [sys.executable, "model.py"], REPO_DIR, env, port, [], [])
+    spec = ours_spec({**env, "API_KEY": API_KEY, "HF_HUB_OFFLINE": "1"})
     with tempfile.TemporaryDirectory() as log_dir:
         server = start_server(spec, Path(log_dir))
         try:

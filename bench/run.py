@@ -196,6 +196,14 @@ class RunningServer:
         return f"http://127.0.0.1:{self.spec.port}"
 
 
+def ours_spec(env: dict[str, str], argv: list[str] | None = None) -> ServerSpec:
+    """Our server (``python model.py`` unless ``argv`` says otherwise) on free loopback ports, with ``env``."""
+    port = free_port()
+    ours_env = dict(env, PORT=str(port), GRPC_PORT=str(free_port()))
+    return ServerSpec("ours", argv or [sys.executable, "model.py"], REPO_DIR, ours_env, port, ["v1", "legacy"],
+                      ["v1", "legacy"])
+
+
 def _health_ok(port: int) -> bool:
     import http.client
 
@@ -819,10 +827,7 @@ def main() -> None:
                                        "seed_server:app"], BENCH_DIR, seed_env, port, ["legacy"], ["legacy"])
             rounds["seed"].append(bench_server(spec, texts, args, round_dir))
         if args.only != "seed":
-            port, grpc_port = free_port(), free_port()
-            ours_env = dict(env, PORT=str(port), GRPC_PORT=str(grpc_port))
-            argv = args.ours_cmd.split() if args.ours_cmd else [python, "model.py"]
-            spec = ServerSpec("ours", argv, REPO_DIR, ours_env, port, ["v1", "legacy"], ["v1", "legacy"])
+            spec = ours_spec(env, args.ours_cmd.split() if args.ours_cmd else None)
             rounds["ours"].append(bench_server(spec, texts, args, round_dir))
         if not args.no_model_alone:
             print("\n== model alone (in-process backend, no HTTP)", flush=True)
