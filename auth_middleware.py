@@ -26,6 +26,8 @@ INVALID_KEY_BODY = {"error": "Invalid API key", "message": "The provided API key
 # so that its SDKs raise their AuthenticationError.
 OPENAI_PATH_PREFIXES = ("/openai/", "/v1/embeddings")
 
+# Swagger UI's own files, served at /docs/<name> from an installed package so that the docs page needs no CDN.
+DOCS_ASSETS = ("swagger-ui-bundle.js", "swagger-ui.css", "favicon-32x32.png")
 # Routes that compute nothing from a client's text and that load balancers, Kubernetes probes,
 # Prometheus and people reading the docs call without a key.
 PUBLIC_PATHS = frozenset(
@@ -39,6 +41,7 @@ PUBLIC_PATHS = frozenset(
         "/docs",
         "/docs/oauth2-redirect",
         "/openapi.json",
+        *(f"/docs/{name}" for name in DOCS_ASSETS),
     }
 )
 PUBLIC_PATTERNS = (

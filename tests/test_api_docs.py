@@ -5,21 +5,28 @@ from __future__ import annotations
 import asyncio
 import copy
 import re
+import shutil
+import socket
+import subprocess
+import threading
+from pathlib import Path
 
 import httpx
 import jsonschema
 import pytest
 import requests
 from fastapi import FastAPI
+from fastapi.openapi.docs import get_swagger_ui_html
 from kserve.model_repository import ModelRepository
 from kserve.protocol.dataplane import DataPlane
 from kserve.protocol.model_repository_extension import ModelRepositoryExtension
 from kserve.protocol.rest.v1_endpoints import register_v1_endpoints
 from kserve.protocol.rest.v2_endpoints import register_v2_endpoints
 from openapi_spec_validator import validate
+from PIL import Image
 
 from api_docs import install_api_docs
-from auth_middleware import ApiKeyMiddleware, is_public
+from auth_middleware import DOCS_ASSETS, ApiKeyMiddleware, is_public
 from routes import register_legacy_routes, register_openai_routes
 from settings import Settings
 
@@ -169,6 +176,36 @@ def test_the_docs_page_is_public_html(app):
     assert get(app, "POST", "/embedding").status_code == 401  # the key check is on
 
 
+def page_references(html: str) -> list[str]:
+    return re.findall(r'(?:src|href)="([^"]*)"', html)
+
+
+def test_the_docs_page_loads_only_files_the_server_serves_without_a_key(app):
+    page = get(app, "GET", "/docs").text
+    references = page_references(page)
+    assert sorted(references) == sorted(f"/docs/{name}" for name in DOCS_ASSETS)  # no CDN, no other host
+    assert "://" not in page.replace("window.location.origin", "")
+    types = {}
+    for reference in references:
+        assert is_public("GET", reference)
+        asset = get(app, "GET", reference)  # no key
+        assert asset.status_code == 200 and len(asset.content) > 500, reference
+        types[reference.rsplit(".", 1)[1]] = asset.headers["content-type"]
+    assert types["js"].startswith("text/javascript") and types["css"].startswith("text/css")
+    assert types["png"] == "image/png"
+    assert "SwaggerUIBundle" in get(app, "GET", "/docs/swagger-ui-bundle.js").text
+    assert get(app, "GET", "/docs/index.html").status_code == 401  # only the listed files are public
+
+
+def test_kserves_docs_flag_gets_the_offline_page_too():
+    app = FastAPI(docs_url="/docs")  # what KServe builds with --enable_docs_url: a page that loads a CDN
+    assert "cdn.jsdelivr.net" in get(app, "GET", "/docs").text
+    install_api_docs(app, MODEL, DIMENSION)
+    page = get(app, "GET", "/docs").text
+    assert sorted(page_references(page)) == sorted(f"/docs/{name}" for name in DOCS_ASSETS)
+    assert get(app, "GET", "/docs/swagger-ui.css").status_code == 200
+
+
 # --- the real server ----------------------------------------------------------------------------------------------
 
 
@@ -195,3 +232,100 @@ def test_the_real_server_answers_its_documented_examples(server):
                                 ["value"], headers={header: "not-the-key"}, timeout=10)
         assert str(refused.status_code) in operation["responses"]
     assert answered == 10
+
+
+# --- a real browser, with no network ------------------------------------------------------------------------------
+
+BROWSER_TIMEOUT = 180
+BROWSER_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--hide-scrollbars", "--virtual-time-budget=10000"]
+POST_GREEN = (0x49, 0xCC, 0x90)  # Swagger UI's colour for POST operations and the Authorize button
+# Chromium's own update, clock and sign-in checks, which it makes whatever page it shows (no flag stops them all)
+BROWSER_SERVICE_HOSTS = frozenset({"update.googleapis.com", "clients2.google.com", "accounts.google.com"})
+
+
+class RefusingProxy:
+    """Stands for the network: the browser sends every request for a host other than the loopback here, where
+    each is recorded and refused, so a page that needs anything from outside the server fails and is seen."""
+
+    def __init__(self):
+        self.requests: list[str] = []
+        self._socket = socket.create_server(("127.0.0.1", 0))
+        self.port = self._socket.getsockname()[1]
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                connection, _ = self._socket.accept()
+            except OSError:
+                return
+            with connection:
+                connection.settimeout(5)
+                try:
+                    self.requests.append(connection.recv(4096).split(b"\r\n", 1)[0].decode(errors="replace"))
+                    connection.sendall(b"HTTP/1.1 502 Bad Gateway\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self._socket.close()
+
+    def hosts(self) -> set[str]:
+        """The hosts asked for: 'CONNECT host:443 HTTP/1.1' or 'GET http://host/path HTTP/1.1'."""
+        targets = [line.split(" ")[1] for line in self.requests if line.count(" ") >= 2]
+        return {target.removeprefix("http://").split("/")[0].rsplit(":", 1)[0] for target in targets}
+
+    def page_hosts(self) -> set[str]:
+        return self.hosts() - BROWSER_SERVICE_HOSTS
+
+
+@pytest.fixture
+def network():
+    proxy = RefusingProxy()
+    yield proxy
+    proxy.close()
+
+
+def browse(url: str, profile: Path, proxy: RefusingProxy, *action: str) -> str:
+    """Chromium, headless, loads `url` with every other host unreachable, and returns what it printed."""
+    binary = shutil.which("chromium") or shutil.which("chromium-browser")
+    if binary is None:
+        pytest.fail("no chromium on PATH: .ci/run installs Debian's chromium package")
+    command = [binary, *BROWSER_FLAGS, f"--user-data-dir={profile}", f"--proxy-server=http://127.0.0.1:{proxy.port}",
+               "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1", *action, url]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=BROWSER_TIMEOUT)
+    assert done.returncode == 0, f"chromium could not start or load {url}: {done.stderr[-2000:]}"
+    return done.stdout
+
+
+def rendered_paths(dom: str) -> list[str]:
+    return re.findall(r'class="opblock-summary-path" data-path="([^"]*)"', dom)
+
+
+def test_the_docs_page_renders_in_a_browser_without_network(server, tmp_path, network):
+    document = requests.get(f"{server.url}/openapi.json", timeout=10).json()
+    dom = browse(f"{server.url}/docs", tmp_path / "profile", network, "--dump-dom")
+    paths = rendered_paths(dom)
+    assert {path for path, _ in OUR_OPERATIONS} <= set(paths), dom[-2000:]
+    assert len(paths) == sum(len(operations) for operations in document["paths"].values())  # one block each
+    assert 'class="btn authorize unlocked"' in dom
+    assert f"{MODEL} embedding server" in dom
+    assert network.page_hosts() == set(), network.requests  # nothing was asked of any host but the server
+
+    shot = tmp_path / "docs.png"
+    browse(f"{server.url}/docs", tmp_path / "profile", network, f"--screenshot={shot}", "--window-size=1280,1400")
+    colours = dict((colour, count) for count, colour in Image.open(shot).convert("RGB").getcolors(1 << 24))
+    assert colours.get(POST_GREEN, 0) > 2000  # the Authorize button and the POST operations are drawn
+    assert colours.get((255, 255, 255), 0) < 0.9 * 1280 * 1400  # not a blank page
+    assert network.page_hosts() == set(), network.requests
+
+
+def test_the_browser_check_catches_a_page_that_needs_a_cdn(tmp_path, network):
+    """The same browser on FastAPI's stock page (what /docs served before): it asks the CDN and renders nothing."""
+    page = tmp_path / "stock.html"
+    page.write_text(get_swagger_ui_html(openapi_url="/openapi.json", title="stock").body.decode())
+    dom = browse(page.as_uri(), tmp_path / "profile", network, "--dump-dom")
+    assert rendered_paths(dom) == [] and "btn authorize" not in dom
+    assert "cdn.jsdelivr.net" in network.page_hosts(), network.requests
