@@ -28,7 +28,7 @@ DOCS_PATH = "/docs"
 OAUTH2_REDIRECT_PATH = "/docs/oauth2-redirect"
 OPENAPI_PATH = "/openapi.json"
 SWAGGER_JS, SWAGGER_CSS, SWAGGER_FAVICON = DOCS_ASSETS
-# Swagger UI's default would show a badge image fetched from swagger.io's validator (the StandaloneLayout only).
+# Swagger UI checks the document with swagger.io's online validator by default (a badge, in some layouts): off.
 SWAGGER_UI_PARAMETERS = {"validatorUrl": None}
 SECURITY = [{"ApiKeyAuth": []}, {"BearerAuth": []}]  # either one
 COST_HEADER_DOCS = {

@@ -395,3 +395,9 @@ def test_the_browser_check_catches_a_page_that_needs_a_cdn(browser, tmp_path):
     assert browser.evaluate("document.querySelectorAll('.opblock').length") == 0
     assert browser.evaluate("typeof SwaggerUIBundle") == "undefined"
     assert any(url.startswith("https://cdn.jsdelivr.net/") for url in browser.requested())
+
+
+def test_no_browser_is_a_failure_not_a_skip(tmp_path, monkeypatch):
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    with pytest.raises(pytest.fail.Exception, match="no chromium"):
+        Chromium(tmp_path / "profile")
