@@ -2,21 +2,24 @@
 
 The handlers of routes.py read a raw Request, so FastAPI cannot see their bodies; the generated document
 is completed here with request and response schemas, examples, error answers and the API-key schemes.
-The docs are public: they describe the API and hold no data.
+The docs are public: they describe the API and hold no data. Swagger UI's script, style and icon come from
+the swagger-ui-bundle-v2 package and are served here too, so the page works where no CDN is reachable.
 """
 from __future__ import annotations
 
 import copy
 import logging
 import re
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.openapi.docs import get_swagger_ui_html, get_swagger_ui_oauth2_redirect_html
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import HTMLResponse
+from fastapi.responses import FileResponse, HTMLResponse
+from swagger_ui_bundle import swagger_ui_path
 
-from auth_middleware import INVALID_KEY_BODY, MISSING_KEY_BODY, OPENAI_PATH_PREFIXES, is_public
+from auth_middleware import DOCS_ASSETS, INVALID_KEY_BODY, MISSING_KEY_BODY, OPENAI_PATH_PREFIXES, is_public
 from errors import RETRY_AFTER_SECONDS
 
 logger = logging.getLogger(__name__)
@@ -24,6 +27,9 @@ logger = logging.getLogger(__name__)
 DOCS_PATH = "/docs"
 OAUTH2_REDIRECT_PATH = "/docs/oauth2-redirect"
 OPENAPI_PATH = "/openapi.json"
+SWAGGER_JS, SWAGGER_CSS, SWAGGER_FAVICON = DOCS_ASSETS
+# Swagger UI checks the document with swagger.io's online validator by default (a badge, in some layouts): off.
+SWAGGER_UI_PARAMETERS = {"validatorUrl": None}
 SECURITY = [{"ApiKeyAuth": []}, {"BearerAuth": []}]  # either one
 COST_HEADER_DOCS = {
     "x-compute-texts": "Texts embedded",
@@ -342,7 +348,6 @@ def install_api_docs(app: FastAPI, model_name: str, dimension: int) -> None:
         return app.openapi_schema
 
     app.openapi = openapi
-    existing = {getattr(route, "path", None) for route in app.routes}
     if app.openapi_url is None:
         app.openapi_url = OPENAPI_PATH
 
@@ -350,15 +355,35 @@ def install_api_docs(app: FastAPI, model_name: str, dimension: int) -> None:
             return app.openapi()
 
         app.add_api_route(OPENAPI_PATH, openapi_json, methods=["GET"], include_in_schema=False)
-    if DOCS_PATH not in existing:  # KServe adds its own with --enable_docs_url; it reads app.openapi too
+    # KServe's --enable_docs_url adds FastAPI's own page, which loads Swagger UI from a CDN: ours replaces it.
+    app.router.routes[:] = [route for route in app.router.routes
+                            if getattr(route, "path", None) not in (DOCS_PATH, OAUTH2_REDIRECT_PATH)]
 
-        async def docs(request: Request) -> HTMLResponse:
-            root = request.scope.get("root_path", "")
-            return get_swagger_ui_html(openapi_url=root + app.openapi_url, title=f"{model_name} embedding server",
-                                       oauth2_redirect_url=root + OAUTH2_REDIRECT_PATH)
+    async def docs(request: Request) -> HTMLResponse:
+        root = request.scope.get("root_path", "")
+        return get_swagger_ui_html(openapi_url=root + app.openapi_url, title=f"{model_name} embedding server",
+                                   oauth2_redirect_url=root + OAUTH2_REDIRECT_PATH,
+                                   swagger_js_url=f"{root}{DOCS_PATH}/{SWAGGER_JS}",
+                                   swagger_css_url=f"{root}{DOCS_PATH}/{SWAGGER_CSS}",
+                                   swagger_favicon_url=f"{root}{DOCS_PATH}/{SWAGGER_FAVICON}",
+                                   swagger_ui_parameters=SWAGGER_UI_PARAMETERS)
 
-        async def oauth2_redirect() -> HTMLResponse:
-            return get_swagger_ui_oauth2_redirect_html()
+    async def oauth2_redirect() -> HTMLResponse:
+        return get_swagger_ui_oauth2_redirect_html()
 
-        app.add_api_route(DOCS_PATH, docs, methods=["GET"], include_in_schema=False)
-        app.add_api_route(OAUTH2_REDIRECT_PATH, oauth2_redirect, methods=["GET"], include_in_schema=False)
+    app.add_api_route(DOCS_PATH, docs, methods=["GET"], include_in_schema=False)
+    app.add_api_route(OAUTH2_REDIRECT_PATH, oauth2_redirect, methods=["GET"], include_in_schema=False)
+    for name in DOCS_ASSETS:
+        app.add_api_route(f"{DOCS_PATH}/{name}", _asset(name), methods=["GET"], include_in_schema=False)
+
+
+def _asset(name: str) -> Callable[[], Awaitable[FileResponse]]:
+    """A handler that serves one of Swagger UI's files from the installed package."""
+    path = swagger_ui_path / name
+    if not path.is_file():
+        raise FileNotFoundError(f"Swagger UI's {name} is missing from the swagger-ui-bundle-v2 package at {path}")
+
+    async def asset() -> FileResponse:
+        return FileResponse(str(path))
+
+    return asset

@@ -8,7 +8,7 @@ from __future__ import annotations
 import hmac
 import logging
 import re
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 
 import grpc
 from starlette.datastructures import Headers
@@ -17,6 +17,8 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 logger = logging.getLogger(__name__)
 
+KEY_HEADER = "x-api-key"
+AUTHORIZATION_HEADER = "authorization"
 MISSING_KEY_BODY = {
     "error": "API key required",
     "message": "Please provide an API key in the 'X-Api-Key' header or 'Authorization: Bearer <key>' header",
@@ -26,6 +28,8 @@ INVALID_KEY_BODY = {"error": "Invalid API key", "message": "The provided API key
 # so that its SDKs raise their AuthenticationError.
 OPENAI_PATH_PREFIXES = ("/openai/", "/v1/embeddings")
 
+# Swagger UI's own files, served at /docs/<name> from an installed package so that the docs page needs no CDN.
+DOCS_ASSETS = ("swagger-ui-bundle.js", "swagger-ui.css", "favicon-32x32.png")
 # Routes that compute nothing from a client's text and that load balancers, Kubernetes probes,
 # Prometheus and people reading the docs call without a key.
 PUBLIC_PATHS = frozenset(
@@ -39,6 +43,7 @@ PUBLIC_PATHS = frozenset(
         "/docs",
         "/docs/oauth2-redirect",
         "/openapi.json",
+        *(f"/docs/{name}" for name in DOCS_ASSETS),
     }
 )
 PUBLIC_PATTERNS = (
@@ -70,15 +75,24 @@ def rejection(status: int, path: str) -> JSONResponse:
     return JSONResponse(body, status_code=status)
 
 
-def presented_key(x_api_key: str | None, authorization: str | None) -> str | None:
-    """The key a client sent: X-Api-Key, else the token of 'Authorization: Bearer <key>'. None if neither."""
-    if x_api_key is not None:
-        return x_api_key.strip()
-    if authorization is not None:
-        scheme, _, token = authorization.strip().partition(" ")
+def presented_keys(x_api_keys: Iterable[str], authorizations: Iterable[str]) -> set[str]:
+    """The distinct keys a client sent: its X-Api-Key values, else the tokens of 'Authorization: Bearer <key>'.
+
+    An empty or blank value counts as absent, so an empty X-Api-Key does not hide a bearer token.
+    """
+    keys = {value.strip() for value in x_api_keys} - {""}
+    if keys:
+        return keys
+    tokens = set()
+    for value in authorizations:
+        scheme, _, token = value.strip().partition(" ")
         if scheme.lower() == "bearer":
-            return token.strip()
-    return None
+            tokens.add(token.strip())
+    return tokens - {""}
+
+
+def http_presented_keys(headers: Headers) -> set[str]:
+    return presented_keys(headers.getlist(KEY_HEADER), headers.getlist(AUTHORIZATION_HEADER))
 
 
 class KeyChecker:
@@ -94,11 +108,17 @@ class KeyChecker:
         matches = [hmac.compare_digest(candidate, valid) for valid in self._keys]
         return any(matches)
 
-    def check(self, key: str | None) -> int:
-        """200 when the key is valid, 401 when none was sent, 403 when it is wrong."""
-        if not key:
+    def check(self, keys: Collection[str]) -> int:
+        """200 when one valid key was sent, 401 when none, 403 when it is wrong.
+
+        Different keys in repeated headers are refused as wrong: which copy a proxy or a framework keeps
+        differs (first, last, or both joined), so no copy is trusted.
+        """
+        if not keys:
             return 401
-        return 200 if self.is_valid(key) else 403
+        if len(keys) > 1:
+            return 403
+        return 200 if self.is_valid(next(iter(keys))) else 403
 
 
 class ApiKeyMiddleware:
@@ -111,7 +131,7 @@ class ApiKeyMiddleware:
             await self.app(scope, receive, send)
             return
         headers = Headers(scope=scope)
-        status = self.checker.check(presented_key(headers.get("x-api-key"), headers.get("authorization")))
+        status = self.checker.check(http_presented_keys(headers))
         if status == 200:
             await self.app(scope, receive, send)
             return
@@ -126,7 +146,7 @@ def _denied(code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler:
 
 
 class GrpcApiKeyInterceptor(grpc.aio.ServerInterceptor):
-    """The same rule for gRPC: metadata `x-api-key` or `authorization: Bearer <key>`."""
+    """The same rule for gRPC: metadata `x-api-key` or `authorization: Bearer <key>`, repeated ones included."""
 
     def __init__(self, keys: Iterable[str]):
         self.checker = KeyChecker(keys)
@@ -136,8 +156,10 @@ class GrpcApiKeyInterceptor(grpc.aio.ServerInterceptor):
     async def intercept_service(self, continuation, handler_call_details: grpc.HandlerCallDetails):
         if handler_call_details.method in PUBLIC_GRPC_METHODS:
             return await continuation(handler_call_details)
-        metadata = dict(handler_call_details.invocation_metadata or ())
-        status = self.checker.check(presented_key(metadata.get("x-api-key"), metadata.get("authorization")))
+        metadata = handler_call_details.invocation_metadata or ()
+        keys = presented_keys([value for key, value in metadata if key == KEY_HEADER],
+                              [value for key, value in metadata if key == AUTHORIZATION_HEADER])
+        status = self.checker.check(keys)
         if status == 200:
             return await continuation(handler_call_details)
         return self._missing if status == 401 else self._invalid

@@ -22,7 +22,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from auth_middleware import presented_key
+from auth_middleware import http_presented_keys
 
 logger = logging.getLogger(__name__)
 
@@ -194,7 +194,7 @@ class ObservabilityMiddleware:
             for count, counter in ((answer.texts, TEXTS), (answer.tokens, TOKENS), (answer.truncated, TRUNCATED)):
                 if count:
                     counter.inc(count)
-        key_presented = status == 401 and bool(presented_key(headers.get("x-api-key"), headers.get("authorization")))
+        key_presented = status == 401 and bool(http_presented_keys(headers))
         reason = rejection_reason(status, key_presented)
         if reason is not None:
             REJECTIONS.labels(reason).inc()

@@ -3,23 +3,35 @@ the key exactly where the server does, and the real server answers its own examp
 from __future__ import annotations
 
 import asyncio
+import base64
 import copy
+import itertools
+import json
+import os
+import queue
 import re
+import shutil
+import subprocess
+import threading
+import time
+from pathlib import Path
 
 import httpx
 import jsonschema
 import pytest
 import requests
 from fastapi import FastAPI
+from fastapi.openapi.docs import get_swagger_ui_html
 from kserve.model_repository import ModelRepository
 from kserve.protocol.dataplane import DataPlane
 from kserve.protocol.model_repository_extension import ModelRepositoryExtension
 from kserve.protocol.rest.v1_endpoints import register_v1_endpoints
 from kserve.protocol.rest.v2_endpoints import register_v2_endpoints
 from openapi_spec_validator import validate
+from PIL import Image
 
 from api_docs import install_api_docs
-from auth_middleware import ApiKeyMiddleware, is_public
+from auth_middleware import DOCS_ASSETS, ApiKeyMiddleware, is_public
 from routes import register_legacy_routes, register_openai_routes
 from settings import Settings
 
@@ -169,6 +181,36 @@ def test_the_docs_page_is_public_html(app):
     assert get(app, "POST", "/embedding").status_code == 401  # the key check is on
 
 
+def page_references(html: str) -> list[str]:
+    return re.findall(r'(?:src|href)="([^"]*)"', html)
+
+
+def test_the_docs_page_loads_only_files_the_server_serves_without_a_key(app):
+    page = get(app, "GET", "/docs").text
+    references = page_references(page)
+    assert sorted(references) == sorted(f"/docs/{name}" for name in DOCS_ASSETS)  # no CDN, no other host
+    assert "://" not in page.replace("window.location.origin", "")
+    types = {}
+    for reference in references:
+        assert is_public("GET", reference)
+        asset = get(app, "GET", reference)  # no key
+        assert asset.status_code == 200 and len(asset.content) > 500, reference
+        types[reference.rsplit(".", 1)[1]] = asset.headers["content-type"]
+    assert types["js"].startswith("text/javascript") and types["css"].startswith("text/css")
+    assert types["png"] == "image/png"
+    assert "SwaggerUIBundle" in get(app, "GET", "/docs/swagger-ui-bundle.js").text
+    assert get(app, "GET", "/docs/index.html").status_code == 401  # only the listed files are public
+
+
+def test_kserves_docs_flag_gets_the_offline_page_too():
+    app = FastAPI(docs_url="/docs")  # what KServe builds with --enable_docs_url: a page that loads a CDN
+    assert "cdn.jsdelivr.net" in get(app, "GET", "/docs").text
+    install_api_docs(app, MODEL, DIMENSION)
+    page = get(app, "GET", "/docs").text
+    assert sorted(page_references(page)) == sorted(f"/docs/{name}" for name in DOCS_ASSETS)
+    assert get(app, "GET", "/docs/swagger-ui.css").status_code == 200
+
+
 # --- the real server ----------------------------------------------------------------------------------------------
 
 
@@ -195,3 +237,167 @@ def test_the_real_server_answers_its_documented_examples(server):
                                 ["value"], headers={header: "not-the-key"}, timeout=10)
         assert str(refused.status_code) in operation["responses"]
     assert answered == 10
+
+
+# --- a real browser, with no network ------------------------------------------------------------------------------
+
+BROWSER_TIMEOUT = 90
+# Every host but the loopback is unreachable: names do not resolve, and connections go to a closed local port.
+NO_NETWORK = ["--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1", "--proxy-server=http://127.0.0.1:1"]
+BROWSER_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--hide-scrollbars", "--window-size=1280,1400", *NO_NETWORK]
+POST_GREEN = (0x49, 0xCC, 0x90)  # Swagger UI's colour for POST operations and the Authorize button
+
+
+class Chromium:
+    """Headless Chromium driven over the DevTools protocol (on a pipe, so no extra package), one page open."""
+
+    def __init__(self, profile: Path):
+        binary = shutil.which("chromium") or shutil.which("chromium-browser")
+        if binary is None:
+            pytest.fail("no chromium on PATH: .ci/run installs Debian's chromium package")
+        to_browser, from_browser = os.pipe(), os.pipe()
+        self.log = profile.parent / "chromium.log"
+        with open(self.log, "wb") as log:  # the protocol wants its pipe on fds 3 and 4
+            self.process = subprocess.Popen(
+                ["bash", "-c", f'exec "$0" "$@" 3<&{to_browser[0]} 4>&{from_browser[1]}', binary, *BROWSER_FLAGS,
+                 "--remote-debugging-pipe", f"--user-data-dir={profile}", "about:blank"],
+                pass_fds=(to_browser[0], from_browser[1]), stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+        os.close(to_browser[0])
+        os.close(from_browser[1])
+        self._writer = os.fdopen(to_browser[1], "wb")
+        self._messages: queue.Queue[dict | None] = queue.Queue()
+        threading.Thread(target=self._read, args=(os.fdopen(from_browser[0], "rb"),), daemon=True).start()
+        self._ids = itertools.count(1)
+        self.events: list[dict] = []
+        target = self.send("Target.createTarget", url="about:blank")["targetId"]
+        self.session = self.send("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
+        for domain in ("Page", "Network", "Runtime"):
+            self.send(f"{domain}.enable", session=self.session)
+
+    def _read(self, pipe) -> None:
+        buffer = b""
+        while chunk := pipe.read1(65536):
+            buffer += chunk
+            *messages, buffer = buffer.split(b"\0")
+            for message in messages:
+                self._messages.put(json.loads(message))
+        self._messages.put(None)
+
+    def send(self, method: str, session: str | None = None, **params) -> dict:
+        call = {"id": next(self._ids), "method": method, "params": params}
+        if session:
+            call["sessionId"] = session
+        self._writer.write(json.dumps(call).encode() + b"\0")
+        self._writer.flush()
+        while True:
+            try:
+                message = self._messages.get(timeout=BROWSER_TIMEOUT)
+            except queue.Empty:
+                message = None
+            if message is None:
+                pytest.fail(f"chromium did not answer {method}: {self.log.read_text(errors='replace')[-2000:]}")
+            if message.get("id") == call["id"]:
+                assert "error" not in message, (method, message["error"])
+                return message["result"]
+            self.events.append(message)
+
+    def evaluate(self, expression: str):
+        answer = self.send("Runtime.evaluate", session=self.session, expression=expression, returnByValue=True)
+        assert "exceptionDetails" not in answer, (expression, answer["exceptionDetails"])
+        return answer["result"].get("value")
+
+    def wait_for(self, expression: str, what: str):
+        deadline = time.monotonic() + BROWSER_TIMEOUT
+        while time.monotonic() < deadline:
+            if value := self.evaluate(expression):
+                return value
+            time.sleep(0.2)
+        pytest.fail(f"the page never showed {what}")
+
+    def requested(self) -> list[str]:
+        """Every URL the page asked for, scripts, styles, images and API calls alike."""
+        return [event["params"]["request"]["url"] for event in self.events
+                if event.get("method") == "Network.requestWillBeSent"]
+
+    def close(self) -> None:
+        self._writer.close()
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+@pytest.fixture
+def browser(tmp_path):
+    chromium = Chromium(tmp_path / "profile")
+    yield chromium
+    chromium.close()
+
+
+OPERATION = """[...document.querySelectorAll('.opblock-post')]
+    .find(block => block.querySelector('.opblock-summary-path').dataset.path === '/embedding')"""
+
+
+def test_the_docs_page_works_in_a_browser_without_network(server, browser, tmp_path):
+    """Swagger UI draws every operation, Authorize takes the key, and "Try it out" embeds through the server."""
+    document = requests.get(f"{server.url}/openapi.json", timeout=10).json()
+    browser.send("Page.navigate", session=browser.session, url=f"{server.url}/docs")
+    count = browser.wait_for("document.querySelectorAll('.opblock').length", "its operations")
+    paths = browser.evaluate("[...document.querySelectorAll('.opblock-summary-path')].map(p => p.dataset.path)")
+    assert {path for path, _ in OUR_OPERATIONS} <= set(paths)
+    assert count == sum(len(operations) for operations in document["paths"].values())  # one block each
+    assert browser.evaluate("document.title") == f"{MODEL} embedding server"
+
+    shot = tmp_path / "docs.png"
+    shot.write_bytes(base64.b64decode(browser.send("Page.captureScreenshot", session=browser.session)["data"]))
+    image = Image.open(shot).convert("RGB")
+    colours = {colour: count for count, colour in image.getcolors(image.width * image.height)}
+    assert colours.get(POST_GREEN, 0) > 2000  # the Authorize button and the POST operations are drawn
+    assert colours.get((255, 255, 255), 0) < 0.9 * image.width * image.height  # not a blank page
+
+    browser.evaluate("document.querySelector('.auth-wrapper .btn.authorize').click()")
+    schemes = browser.wait_for("[...document.querySelectorAll('.auth-container h4')].map(h => h.textContent)",
+                               "the Authorize dialog")
+    assert any("ApiKeyAuth" in name for name in schemes) and any("BearerAuth" in name for name in schemes)
+    browser.evaluate("document.querySelector('.auth-container input').focus()")
+    browser.send("Input.insertText", session=browser.session, text=server.key)
+    browser.evaluate("document.querySelector('.auth-container .modal-btn.authorize').click()")
+    browser.wait_for("[...document.querySelectorAll('.auth-container button')].some(b => b.textContent === 'Logout')",
+                     "the key accepted")
+    browser.evaluate("document.querySelector('.auth-container .modal-btn.btn-done').click()")
+
+    browser.evaluate(f"{OPERATION}.querySelector('.opblock-summary-control').click()")
+    browser.wait_for(f"!!{OPERATION}.querySelector('.try-out__btn')", "Try it out")
+    browser.evaluate(f"{OPERATION}.querySelector('.try-out__btn').click()")
+    browser.wait_for(f"!!{OPERATION}.querySelector('.execute')", "Execute")
+    browser.evaluate(f"{OPERATION}.querySelector('.execute').click()")
+    answer_row = f"{OPERATION}.querySelector('.live-responses-table tr.response')"
+    status = browser.wait_for(f"{answer_row}?.querySelector('.response-col_status').textContent", "the answer")
+    assert status.strip() == "200"  # the server checked the key Authorize took, and embedded the example
+    answer = browser.evaluate(f"{answer_row}.querySelector('.response-col_description pre').textContent")
+    assert set(json.loads(answer)) == {"doc1", "doc2"}
+
+    requested = browser.requested()
+    assert f"{server.url}/docs/swagger-ui-bundle.js" in requested and f"{server.url}/embedding" in requested
+    elsewhere = [url for url in requested if not url.startswith((server.url + "/", "data:"))]  # data: is inline
+    assert elsewhere == []  # nothing from another host
+
+
+def test_the_browser_check_catches_a_page_that_needs_a_cdn(browser, tmp_path):
+    """The same browser on FastAPI's stock page (what /docs served before): it asks the CDN and draws nothing."""
+    page = tmp_path / "stock.html"
+    page.write_text(get_swagger_ui_html(openapi_url="/openapi.json", title="stock").body.decode())
+    browser.send("Page.navigate", session=browser.session, url=page.as_uri())
+    browser.wait_for("document.readyState === 'complete'", "the page loaded")
+    assert browser.evaluate("document.querySelectorAll('.opblock').length") == 0
+    assert browser.evaluate("typeof SwaggerUIBundle") == "undefined"
+    assert any(url.startswith("https://cdn.jsdelivr.net/") for url in browser.requested())
+
+
+def test_no_browser_is_a_failure_not_a_skip(tmp_path, monkeypatch):
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    with pytest.raises(pytest.fail.Exception, match="no chromium"):
+        Chromium(tmp_path / "profile")

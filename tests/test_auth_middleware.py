@@ -1,19 +1,21 @@
 """The API key: the middleware alone around a trivial app, then every route of the real server."""
 from __future__ import annotations
 
+import http.client
 import json
 import re
 import subprocess
 import sys
 
+import grpc
 import httpx
 import pytest
 import requests
 from starlette.responses import PlainTextResponse
 
 from auth_middleware import (INVALID_KEY_BODY, MISSING_KEY_BODY, OPENAI_PATH_PREFIXES, ApiKeyMiddleware, KeyChecker,
-                             is_public, presented_key)
-from conftest import MODEL_NAME, ROOT, TEST_KEY
+                             is_public, presented_keys)
+from conftest import MODEL_NAME, ROOT, TEST_KEY, grpc_infer
 
 KEYS = ("first-key", "second-key")
 
@@ -22,7 +24,7 @@ async def hello(scope, receive, send):
     await PlainTextResponse("reached")(scope, receive, send)
 
 
-def call(method: str, path: str, headers: dict[str, str] | None = None) -> httpx.Response:
+def call(method: str, path: str, headers: dict[str, str] | list[tuple[str, str]] | None = None) -> httpx.Response:
     async def go():
         transport = httpx.ASGITransport(app=ApiKeyMiddleware(hello, keys=KEYS))
         async with httpx.AsyncClient(transport=transport) as client:
@@ -84,17 +86,60 @@ def test_public_list_is_exact(method, path, public):
     assert call(method, path).status_code == (200 if public else 401)
 
 
-def test_presented_key():
-    assert presented_key(" k ", None) == "k"
-    assert presented_key(None, "Bearer  k ") == "k"
-    assert presented_key(None, "Token k") is None
-    assert presented_key(None, None) is None
+# Empty and repeated key headers, one rule for HTTP and gRPC: a blank value counts as absent, and
+# different keys in repeated headers are refused as a wrong key. "{key}" stands for a valid key.
+EMPTY_AND_REPEATED = [
+    ([("x-api-key", ""), ("authorization", "Bearer {key}")], 200),
+    ([("x-api-key", "   "), ("authorization", "Bearer {key}")], 200),
+    ([("x-api-key", ""), ("authorization", "Bearer wrong")], 403),
+    ([("x-api-key", ""), ("authorization", "")], 401),
+    ([("x-api-key", ""), ("x-api-key", "{key}")], 200),
+    ([("x-api-key", "{key}"), ("x-api-key", "")], 200),
+    ([("x-api-key", "{key}"), ("x-api-key", "{key}")], 200),
+    ([("x-api-key", "{key}"), ("x-api-key", "wrong")], 403),
+    ([("x-api-key", "wrong"), ("x-api-key", "{key}")], 403),
+    ([("authorization", "Bearer {key}"), ("authorization", "Bearer wrong")], 403),
+    ([("authorization", "Bearer wrong"), ("authorization", "Bearer {key}")], 403),
+    ([("authorization", "Basic Zm9v"), ("authorization", "Bearer {key}")], 200),  # only bearer tokens are keys
+    ([("x-api-key", "{key}"), ("authorization", "Bearer wrong")], 200),  # X-Api-Key first, as before
+]
+
+
+def with_key(headers: list[tuple[str, str]], key: str) -> list[tuple[str, str]]:
+    return [(name, value.format(key=key)) for name, value in headers]
+
+
+@pytest.mark.parametrize("headers,status", EMPTY_AND_REPEATED + [
+    ([("x-api-key", "first-key"), ("x-api-key", "second-key")], 403),  # two valid keys: which one is meant?
+    ([("x-api-key", "first-key, second-key")], 403),  # what a proxy that joins repeated headers sends
+    ([("x-api-key", "first-key"), ("X-API-KEY", "wrong")], 403),
+])
+def test_empty_and_repeated_key_headers(headers, status):
+    response = call("POST", "/embedding", with_key(headers, "first-key"))
+    assert response.status_code == status
+    expected = {200: None, 401: MISSING_KEY_BODY, 403: INVALID_KEY_BODY}[status]
+    assert response.text == "reached" if expected is None else response.json() == expected
+    openai = call("POST", "/v1/embeddings", with_key(headers, "second-key"))  # OpenAI's contract: 401 for both
+    assert openai.status_code == min(status, 401)
+    if status == 403:
+        assert openai.json()["error"]["code"] == "invalid_api_key"
+
+
+def test_presented_keys():
+    assert presented_keys([" k "], []) == {"k"}
+    assert presented_keys([], ["Bearer  k "]) == {"k"}
+    assert presented_keys([""], ["Bearer k"]) == {"k"}
+    assert presented_keys(["a", "b", "a"], []) == {"a", "b"}
+    assert presented_keys([], ["Token k"]) == set()
+    assert presented_keys([], []) == set()
 
 
 def test_key_checker_needs_a_key():
     with pytest.raises(ValueError):
         KeyChecker(["", ""])
-    assert KeyChecker(["a"]).check("a") == 200
+    assert KeyChecker(["a"]).check({"a"}) == 200
+    assert KeyChecker(["a", "b"]).check({"a", "b"}) == 403
+    assert KeyChecker(["a"]).check(set()) == 401
 
 
 # --- The real server -------------------------------------------------------------------------------------------
@@ -129,6 +174,40 @@ def test_route_key_matrix(server, method, path, body, auth, status):
         elif status == 403:
             assert response.json() == INVALID_KEY_BODY
     assert TEST_KEY not in response.text
+
+
+@pytest.mark.parametrize("headers,status", EMPTY_AND_REPEATED)
+def test_empty_and_repeated_key_headers_over_http(server, headers, status):
+    connection = http.client.HTTPConnection("127.0.0.1", server.http_port, timeout=60)  # sends headers as given
+    body = json.dumps({"instances": ["Hello world"]}).encode()
+    connection.putrequest("POST", f"/v1/models/{MODEL_NAME}:predict")
+    for name, value in [("content-type", "application/json"), *with_key(headers, TEST_KEY)]:
+        connection.putheader(name, value)
+    connection.putheader("content-length", str(len(body)))
+    connection.endheaders(body)
+    response = connection.getresponse()
+    text = response.read().decode()
+    connection.close()
+    assert response.status == status, text
+    if status == 200:
+        assert len(json.loads(text)["predictions"][0]) == 384
+    assert TEST_KEY not in text
+
+
+GRPC_CODES = {200: grpc.StatusCode.OK, 401: grpc.StatusCode.UNAUTHENTICATED, 403: grpc.StatusCode.PERMISSION_DENIED}
+
+
+@pytest.mark.parametrize("headers,status", EMPTY_AND_REPEATED)
+def test_empty_and_repeated_key_metadata_over_grpc(server, headers, status):
+    try:
+        answer = grpc_infer(server, ["Hello world"], tuple(with_key(headers, TEST_KEY)))
+        code, details = grpc.StatusCode.OK, ""
+    except grpc.RpcError as error:
+        answer, code, details = None, error.code(), error.details() or ""
+    assert code == GRPC_CODES[status], details
+    if answer is not None:
+        assert answer.outputs[0].shape == [1, 384]
+    assert TEST_KEY not in details
 
 
 ROUTES_SCRIPT = """
