@@ -103,7 +103,8 @@ def test_texts_from_infer_request_errors(request_, words):
 
 
 def test_infer_response_is_fp32_n_by_dim():
-    response = infer_response("m", "id-1", np.ones((3, 4), dtype=np.float32))
+    request = InferRequest(model_name="m", infer_inputs=[], request_id="id-1")
+    response = infer_response("m", request, np.ones((3, 4), dtype=np.float32))
     output = response.outputs[0]
     assert (output.name, output.datatype, output.shape) == ("embedding", "FP32", [3, 4])
     assert response.id == "id-1"
