@@ -175,7 +175,8 @@ def _object(value: Any, what: str) -> dict:
 
 
 def _parameters(holder: dict, what: str) -> dict:
-    return _object(holder.get("parameters") or {}, f"{what}.parameters")
+    parameters = holder.get("parameters")
+    return {} if parameters is None else _object(parameters, f"{what}.parameters")
 
 
 def _count(value: Any, what: str) -> int:

@@ -11,16 +11,21 @@ from __future__ import annotations
 from collections import Counter
 from urllib.parse import unquote, urlsplit
 
+import json
+
 import numpy as np
 import pytest
 import requests
 import schemathesis
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from schemathesis import checks
 from schemathesis.core.failures import Failure
 from schemathesis.engine import Status, events, from_schema
 
 from auth_middleware import is_public
 from conftest import MODEL_NAME, RunningServer, cosines, start_server
+from test_limits import json_values, tensor_documents
 
 KEY = "fuzz-key-5d81"
 # Small limits: the fuzzer reaches 413 quickly, and a valid request embeds at most a few short texts.
@@ -155,6 +160,27 @@ def test_limit_answers_match_the_document(fuzz_server: RunningServer, path: str,
                                      body=body, media_type="application/json")
     response = case.call_and_validate(headers={"X-Api-Key": KEY}, checks=[getattr(checks, name) for name in CHECKS])
     assert response.status_code == 413, response.text
+
+
+V2_INFER = f"/v2/models/{MODEL_NAME}/infer"
+header_values = st.none() | st.integers(0, 5000).map(str) | st.from_regex(r"[0-9a-z+.-]{1,6}", fullmatch=True)
+
+
+@settings(max_examples=150, deadline=None)
+@given(tensor_documents | json_values, st.binary(max_size=64), header_values, st.booleans())
+def test_v2_body_and_binary_extension_never_get_a_5xx(fuzz_server: RunningServer, document, tail, header, honest):
+    """V2 JSON bodies and binary-extension bodies (honest or lying Inference-Header-Content-Length), as the
+    document cannot describe them: a 200, or a 4xx in the one error shape."""
+    head = json.dumps(document).encode()
+    headers = {"X-Api-Key": KEY}
+    if honest:
+        header = str(len(head))
+    if header is not None:
+        headers["Inference-Header-Content-Length"] = header
+    response = requests.post(fuzz_server.url + V2_INFER, data=head + tail, headers=headers, timeout=60)
+    assert response.status_code < 500, response.text
+    if response.status_code != 200:
+        assert list(response.json()) == ["error"], response.text
 
 
 def test_model_still_served_after_fuzzing(fuzz_server: RunningServer):
