@@ -73,8 +73,11 @@ def fuzz_server(tmp_path_factory) -> RunningServer:
 
 
 def load_schema(server: RunningServer, check_names: list[str], headers: dict[str, str] | None = None,
-                **parameters: str) -> schemathesis.BaseSchema:
-    schema = schemathesis.openapi.from_url(f"{server.url}/openapi.json", timeout=30)
+                document: dict | None = None, **parameters: str) -> schemathesis.BaseSchema:
+    if document is None:
+        schema = schemathesis.openapi.from_url(f"{server.url}/openapi.json", timeout=30)
+    else:
+        schema = schemathesis.openapi.from_dict(document)
     assert schema.raw_schema.get("components", {}).get("securitySchemes"), \
         "the server serves FastAPI's bare document, not the one of api_docs.install_api_docs"
     config = schema.config
@@ -163,6 +166,29 @@ def test_limit_answers_match_the_document(fuzz_server: RunningServer, path: str,
 
 
 V2_INFER = f"/v2/models/{MODEL_NAME}/infer"
+V2_INFER_OPERATION = "/v2/models/{model_name}/infer"
+
+
+def with_binary_extension(server: RunningServer) -> dict:
+    """The server's document, with the V2 binary extension it cannot state in OpenAPI terms (the first
+    Inference-Header-Content-Length bytes are JSON, the binary inputs follow): any bytes, any header value."""
+    document = requests.get(f"{server.url}/openapi.json", timeout=30).json()
+    operation = document["paths"][V2_INFER_OPERATION]["post"]
+    operation["requestBody"]["content"] = {"application/octet-stream": {"schema": {"type": "string",
+                                                                                   "format": "binary"}}}
+    operation.setdefault("parameters", []).append({
+        "name": "Inference-Header-Content-Length", "in": "header", "required": True,
+        "schema": {"type": "string"}, "examples": {"json_length": {"value": "2"}}})
+    return document
+
+
+def test_binary_extension_with_key(fuzz_server: RunningServer):
+    checks_run = [*CHECKS, key_accepted.__name__]
+    schema = load_schema(fuzz_server, checks_run, headers={"X-Api-Key": KEY},
+                         document=with_binary_extension(fuzz_server), model_name=MODEL_NAME)
+    ran, failures = run(schema.include(path=V2_INFER_OPERATION, method="POST"))
+    assert min(ran[name] for name in checks_run) > 30, ran
+    assert not failures, "\n".join(failures)
 header_values = st.none() | st.integers(0, 5000).map(str) | st.from_regex(r"[0-9a-z+.-]{1,6}", fullmatch=True)
 
 
