@@ -20,6 +20,7 @@ OUTPUT_NAME = "embedding"
 COMPUTE_TEXTS = "x-compute-texts"
 COMPUTE_TOKENS = "x-compute-tokens"
 TRUNCATED_TEXTS = "x-truncated-texts"
+BINARY = "application/octet-stream"  # the media type of V2 binary-extension bodies
 COST_HEADERS = (COMPUTE_TEXTS, COMPUTE_TOKENS, TRUNCATED_TEXTS, "x-compute-time", "x-queue-time")
 
 
@@ -216,7 +217,8 @@ def parse_v2_rest(body: bytes, header_length: str | None, model_name: str) -> In
     if header_length is None:
         document, binary = parse_json(body), b""
     else:
-        if not header_length.strip().isdigit():
+        header_length = header_length.strip()
+        if not (header_length.isascii() and header_length.isdigit()):  # str.isdigit alone takes "²"
             raise BadRequest(f"{INFERENCE_CONTENT_LENGTH_HEADER} must be a number of bytes, "
                              f"not {header_length[:40]!r}")
         length = int(header_length)

@@ -16,6 +16,7 @@ from fastapi.openapi.docs import get_swagger_ui_html, get_swagger_ui_oauth2_redi
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import HTMLResponse
 
+from adapters import BINARY
 from auth_middleware import INVALID_KEY_BODY, MISSING_KEY_BODY, OPENAI_PATH_PREFIXES, is_public
 from errors import RETRY_AFTER_SECONDS
 
@@ -248,12 +249,19 @@ def _operations(model_name: str, dimension: int) -> dict[tuple[str, str], dict]:
         },
         ("/v2/models/{model_name}/infer", "post"): {
             "summary": "Embed texts (Open Inference Protocol V2)",
+            "description": "JSON (with or without a Content-Type), or the binary tensor extension: the first "
+                           "`Inference-Header-Content-Length` bytes are the JSON header, each input with "
+                           "`parameters.binary_data_size` takes its bytes from what follows (BYTES: each element a "
+                           "4-byte little-endian length, then the UTF-8 text). Ask for a binary answer with "
+                           "`parameters.binary_data_output` or an output's `parameters.binary_data`.",
             "requestBody": {"content": {"application/json": {"examples": {
-                "texts": {"summary": "A BYTES tensor of texts", "value": infer_example}}}}},
+                "texts": {"summary": "A BYTES tensor of texts", "value": infer_example}}},
+                BINARY: {"schema": {"type": "string", "format": "binary"}}}},
             "responses": {"200": {"description": f"An FP32 tensor [n, {dimension}], row-major",
                                   "headers": _cost_headers(),
                                   "content": {"application/json": {"examples": {
-                                      "embeddings": {"summary": "Embeddings", "value": infer_answer}}}}},
+                                      "embeddings": {"summary": "Embeddings", "value": infer_answer}}},
+                                      BINARY: {"schema": {"type": "string", "format": "binary"}}}},
                           **_embedding_errors(openai=False)},
         },
     }

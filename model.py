@@ -1,6 +1,6 @@
 """The embedding model server: a kserve.Model for sentence-transformers, and its entry point.
 
-Request path: auth_middleware (API key) -> KServe V1/V2/gRPC or routes.py (legacy adapter)
+Request path: auth_middleware (API key) -> KServe V1, routes.py (legacy, OpenAI, V2 REST) or grpc_v2 (gRPC)
 -> EmbeddingModel.preprocess (adapters: body -> texts) -> predict (batcher -> backend)
 -> postprocess (adapters: embeddings -> body).
 """

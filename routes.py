@@ -1,4 +1,5 @@
-"""The legacy service's routes, as thin adapters over the same KServe data plane as V1."""
+"""Our HTTP routes (the legacy service's, OpenAI's embeddings, V2 inference), as thin adapters over KServe's
+data plane."""
 from __future__ import annotations
 
 import logging
@@ -11,7 +12,7 @@ from kserve.protocol.dataplane import DataPlane
 from kserve.protocol.rest.v2_datamodels import InferenceResponse
 from kserve.protocol.rest.v2_endpoints import V2Endpoints
 
-from adapters import (COMPUTE_TOKENS, OpenAIRequestError, legacy_response, openai_embedding_response,
+from adapters import (BINARY, COMPUTE_TOKENS, OpenAIRequestError, legacy_response, openai_embedding_response,
                       openai_error_body, parse_json, parse_legacy, parse_openai_embedding, parse_v2_rest)
 from batcher import Overloaded
 from errors import RETRY_AFTER_SECONDS, BadRequest, TooLarge, Unprocessable
@@ -74,7 +75,10 @@ def register_v2_infer_routes(app: FastAPI, dataplane: DataPlane) -> None:
                     model_version: str | None = None) -> InferenceResponse | Response:
         infer_request = parse_v2_rest(await request.body(), request.headers.get(INFERENCE_CONTENT_LENGTH_HEADER),
                                       model_name)
-        return await endpoints.infer(request, response, model_name, infer_request, model_version)
+        answer = await endpoints.infer(request, response, model_name, infer_request, model_version)
+        if isinstance(answer, Response):  # KServe answers a binary output with no media type
+            answer.headers["content-type"] = BINARY
+        return answer
 
     for path in V2_INFER_PATHS:
         app.add_api_route(path, infer, methods=["POST"], response_model=None, include_in_schema=False, tags=["V2"])

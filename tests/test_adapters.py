@@ -146,6 +146,7 @@ def test_parse_v2_rest_json_binary_and_answer_form():
 @pytest.mark.parametrize("body,header,error", [
     (b'{"inputs": NaN}', None, BadRequest),
     (b'{"inputs": []}', "x1", BadRequest),
+    (b'{"inputs": []}', "\u00b2", BadRequest),
     (b'{"inputs": []}', "99", BadRequest),
     (b'{"inputs": []}extra', "14", BadRequest),
     (b'{"inputs": {}}', None, Unprocessable),

@@ -139,6 +139,7 @@ BAD_V2_BODIES = {  # name: (body, Inference-Header-Content-Length or None, expec
     "shape of strings": (b'{"inputs": [{"name": "text", "shape": ["1"], "datatype": "BYTES", "data": ["a"]}]}',
                          None, 422),
     "header not a number": (*binary_body(binary_input([1], len(HELLO)), HELLO)[:1], "abc", 400),
+    "header a superscript digit": (*binary_body(binary_input([1], len(HELLO)), HELLO)[:1], "\u00b2", 400),
     "header past the end": (*binary_body(binary_input([1], len(HELLO)), HELLO)[:1], "100000", 400),
     "length prefix past the end": (*binary_body(binary_input([1], 9), (50).to_bytes(4, "little") + b"hello"), 400),
     "truncated length prefix": (*binary_body(binary_input([2], len(HELLO) + 2), HELLO + b"\x01\x00"), 400),
@@ -173,6 +174,7 @@ def test_v2_binary_extension_in_and_out_matches_sentence_transformers(server, re
     body, length = binary_body(header, tail)
     response = post(server, V2, body, headers={"X-Api-Key": TEST_KEY, "Inference-Header-Content-Length": length})
     assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == "application/octet-stream"
     answer = InferResponse.from_bytes(response.content, int(response.headers["inference-header-content-length"]))
     assert_matches_reference(answer.outputs[0].as_numpy(), texts, reference)
 
