@@ -10,7 +10,11 @@ from __future__ import annotations
 
 import logging
 
+from dataclasses import dataclass
+
+import grpc
 import numpy as np
+from google.protobuf.message import DecodeError
 from grpc import ServicerContext
 from kserve.protocol.grpc import grpc_predict_v2_pb2 as pb
 from kserve.protocol.grpc.servicer import InferenceServicer
@@ -62,3 +66,33 @@ class EmbeddingServicer(InferenceServicer):
                                                    request=infer_request_from_grpc(request),
                                                    headers=to_headers(context))
         return grpc_infer_response(response, raw=bool(request.raw_input_contents))
+
+
+@dataclass(frozen=True)
+class _Undecodable:
+    reason: str
+
+
+class MalformedMessageInterceptor(grpc.aio.ServerInterceptor):
+    """A message that does not parse (invalid UTF-8 in a string field, or not protobuf at all) is the client's
+    error, INVALID_ARGUMENT; grpc answers UNKNOWN for the generated deserializer's DecodeError."""
+
+    async def intercept_service(self, continuation, handler_call_details: grpc.HandlerCallDetails):
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.unary_unary is None or handler.request_deserializer is None:
+            return handler
+        deserialize, behavior = handler.request_deserializer, handler.unary_unary
+
+        def tolerant(data: bytes):
+            try:
+                return deserialize(data)
+            except DecodeError as exc:
+                return _Undecodable(str(exc))
+
+        async def guarded(request, context: ServicerContext):
+            if isinstance(request, _Undecodable):
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"The message does not parse: {request.reason}")
+            return await behavior(request, context)
+
+        return grpc.unary_unary_rpc_method_handler(guarded, request_deserializer=tolerant,
+                                                   response_serializer=handler.response_serializer)

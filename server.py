@@ -20,7 +20,7 @@ from errors import register_error_handlers
 from limits import BodyGuardMiddleware
 from observability import ObservabilityMiddleware
 from adapters import COST_HEADERS
-from grpc_v2 import EmbeddingServicer
+from grpc_v2 import EmbeddingServicer, MalformedMessageInterceptor
 from routes import register_legacy_routes, register_openai_routes, register_v2_infer_routes
 from settings import Settings
 
@@ -40,7 +40,8 @@ class AuthGRPCServer(GRPCServer):
     async def start(self, max_workers: int) -> None:
         self._server = aio.server(
             futures.ThreadPoolExecutor(max_workers=max_workers),
-            interceptors=(GrpcApiKeyInterceptor(self._keys), LoggingInterceptor(), ExceptionToStatusInterceptor()),
+            interceptors=(GrpcApiKeyInterceptor(self._keys), MalformedMessageInterceptor(), LoggingInterceptor(),
+                          ExceptionToStatusInterceptor()),
             options=[
                 ("grpc.max_send_message_length", self._kwargs.get("grpc_max_send_message_length")),
                 ("grpc.max_receive_message_length", self._kwargs.get("grpc_max_receive_message_length")),

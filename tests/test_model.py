@@ -291,6 +291,27 @@ def test_grpc_bad_input_is_invalid_argument(server, name):
     assert model_infer(server, typed_grpc_request([b"still serving"], [1])).outputs[0].shape == [1, 384]
 
 
+UNDECODABLE = {
+    "not protobuf": b"\xff\xff\xff\xff",
+    "invalid UTF-8 in the model name": typed_grpc_request([b"hi"], [1]).SerializeToString().replace(
+        MODEL_NAME.encode(), MODEL_NAME[:-1].encode() + b"\xff"),
+}
+
+
+@pytest.mark.parametrize("name", list(UNDECODABLE))
+def test_grpc_message_that_does_not_parse_is_invalid_argument(server, name):
+    """grpc answered UNKNOWN for the deserializer's DecodeError; the key is still checked first."""
+    with grpc.insecure_channel(server.grpc_target) as channel:
+        call = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
+        with pytest.raises(grpc.RpcError) as caught:
+            call(UNDECODABLE[name], metadata=(("x-api-key", TEST_KEY),), timeout=30)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, caught.value.details()
+        with pytest.raises(grpc.RpcError) as caught:
+            call(UNDECODABLE[name], timeout=30)
+        assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert model_infer(server, typed_grpc_request([b"still serving"], [1])).outputs[0].shape == [1, 384]
+
+
 def test_grpc_model_unload_requires_the_key(server):
     with grpc.insecure_channel(server.grpc_target) as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
