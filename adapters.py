@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import base64
+import struct
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import orjson
-from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse
+from kserve.constants.constants import INFERENCE_CONTENT_LENGTH_HEADER
+from kserve.protocol.infer_type import InferInput, InferOutput, InferRequest, InferResponse, RequestedOutput
 
 from batcher import Embedded
 from errors import BadRequest, TooLarge, Unprocessable
@@ -18,6 +20,7 @@ OUTPUT_NAME = "embedding"
 COMPUTE_TEXTS = "x-compute-texts"
 COMPUTE_TOKENS = "x-compute-tokens"
 TRUNCATED_TEXTS = "x-truncated-texts"
+BINARY = "application/octet-stream"  # the media type of V2 binary-extension bodies
 COST_HEADERS = (COMPUTE_TEXTS, COMPUTE_TOKENS, TRUNCATED_TEXTS, "x-compute-time", "x-queue-time")
 
 
@@ -30,12 +33,17 @@ def parse_json(body: bytes) -> Any:
         raise BadRequest(f"The request body is not valid JSON: {exc}") from None
 
 
+NO_TEXTS = "No texts to embed: send at least one"
+
+
 def _string_list(values: Any, what: str) -> list[str]:
     if not isinstance(values, list):
         raise Unprocessable(f"'{what}' must be a list of strings, not {type(values).__name__}")
     for index, value in enumerate(values):
         if not isinstance(value, str):
             raise Unprocessable(f"'{what}[{index}]' must be a string, not {type(value).__name__}")
+    if not values:
+        raise BadRequest(f"'{what}' is empty. {NO_TEXTS}")
     return values
 
 
@@ -102,39 +110,155 @@ def legacy_response(ids: list[str] | None, embeddings: np.ndarray) -> dict[str, 
 
 
 def _decode(value: Any, index: int) -> str:
-    if isinstance(value, str):
-        return value
     if isinstance(value, bytes):
         try:
             return value.decode("utf-8")
         except UnicodeDecodeError:
             raise Unprocessable(f"Element {index} of the input tensor is not valid UTF-8") from None
-    raise Unprocessable(f"Element {index} of the input tensor must be a string, not {type(value).__name__}")
+    if not isinstance(value, str):
+        raise Unprocessable(f"Element {index} of the input tensor must be a string, not {type(value).__name__}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate such as "\ud800": JSON can spell it, UTF-8 cannot
+        raise Unprocessable(f"Element {index} of the input tensor is not valid Unicode text") from None
+    return value
+
+
+def require_bytes(name: str, datatype: Any) -> None:
+    if datatype != "BYTES":
+        raise Unprocessable(f"Input '{name}' must have datatype BYTES, not {datatype}")
+
+
+def split_bytes_tensor(raw: bytes, name: str) -> list[bytes]:
+    """A BYTES tensor's binary form (V2 binary extension, gRPC raw contents): each element is a 4-byte
+    little-endian length, then that many bytes. A length that runs past the end is the client's error."""
+    elements: list[bytes] = []
+    offset = 0
+    while offset < len(raw):
+        if len(raw) - offset < 4:
+            raise BadRequest(f"Input '{name}': {len(raw) - offset} bytes left where a 4-byte length was expected")
+        (length,) = struct.unpack_from("<I", raw, offset)
+        offset += 4
+        if length > len(raw) - offset:
+            raise BadRequest(f"Input '{name}': element {len(elements)} claims {length} bytes, "
+                             f"but only {len(raw) - offset} follow")
+        elements.append(raw[offset:offset + length])
+        offset += length
+    return elements
 
 
 def texts_from_infer_request(request: InferRequest) -> list[str]:
-    """Open Inference Protocol V2: one BYTES input of shape [n] (or [n, 1])."""
+    """Open Inference Protocol V2: one BYTES input of shape [n] (or [n, 1]) whose data is a list of elements
+    (parse_v2_rest and grpc_v2 decode the binary forms into that list)."""
     if len(request.inputs) != 1:
         raise Unprocessable(f"Expected exactly one input tensor '{INPUT_NAME}', got {len(request.inputs)}")
     tensor = request.inputs[0]
-    if tensor.datatype != "BYTES":
-        raise Unprocessable(f"Input '{tensor.name}' must have datatype BYTES, not {tensor.datatype}")
+    require_bytes(tensor.name, tensor.datatype)
     shape = list(tensor.shape)
     if not (len(shape) == 1 or (len(shape) == 2 and shape[1] == 1)):
         raise Unprocessable(f"Input '{tensor.name}' must have shape [n] or [n, 1], not {shape}")
-    values = tensor.as_numpy().reshape(-1).tolist() if tensor.data is None else tensor.data
+    if not isinstance(tensor.data, list):
+        raise Unprocessable(f"Input '{tensor.name}' has no data")
     flat: list[Any] = []
-    for value in values:
+    for value in tensor.data:
         flat.extend(value if isinstance(value, list) else [value])
     if len(flat) != shape[0]:
         raise Unprocessable(f"Input '{tensor.name}' has shape {shape} but {len(flat)} elements")
+    if not flat:
+        raise BadRequest(f"Input '{tensor.name}' has shape {shape}. {NO_TEXTS}")
     return [_decode(value, index) for index, value in enumerate(flat)]
 
 
-def infer_response(model_name: str, request_id: str | None, embeddings: np.ndarray) -> InferResponse:
+def _object(value: Any, what: str) -> dict:
+    if not isinstance(value, dict):
+        raise Unprocessable(f"'{what}' must be a JSON object, not {type(value).__name__}")
+    return value
+
+
+def _parameters(holder: dict, what: str) -> dict:
+    parameters = holder.get("parameters")
+    return {} if parameters is None else _object(parameters, f"{what}.parameters")
+
+
+def _count(value: Any, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise Unprocessable(f"'{what}' must be a non-negative integer, not {value!r}"[:300])
+    return value
+
+
+def _tensor(document: Any, index: int, binary: bytes, offset: int) -> tuple[InferInput, int]:
+    """One input of a V2 REST request; its data is in the JSON or, per the binary extension, the next
+    `binary_data_size` bytes after the JSON header. Returns the input and the offset past its bytes."""
+    what = f"inputs[{index}]"
+    tensor = _object(document, what)
+    name, datatype, shape = tensor.get("name"), tensor.get("datatype"), tensor.get("shape")
+    if not isinstance(name, str) or not isinstance(datatype, str):
+        raise Unprocessable(f"'{what}' needs a string 'name' and a string 'datatype'")
+    if not isinstance(shape, list):
+        raise Unprocessable(f"'{what}.shape' must be a list of integers")
+    shape = [_count(size, f"{what}.shape") for size in shape]
+    parameters = _parameters(tensor, what)
+    if "data" in tensor:
+        return InferInput(name, shape, datatype, data=tensor["data"], parameters=parameters), offset
+    if "binary_data_size" not in parameters:
+        raise Unprocessable(f"'{what}' has neither 'data' nor the parameter 'binary_data_size'")
+    size = _count(parameters["binary_data_size"], f"{what}.parameters.binary_data_size")
+    if size > len(binary) - offset:
+        raise BadRequest(f"'{what}' claims {size} bytes of binary data, but only {len(binary) - offset} follow")
+    require_bytes(name, datatype)
+    data = split_bytes_tensor(binary[offset:offset + size], name)
+    return InferInput(name, shape, datatype, data=data, parameters=parameters), offset + size
+
+
+def parse_v2_rest(body: bytes, header_length: str | None, model_name: str) -> InferRequest:
+    """A V2 REST inference request: JSON, or the binary extension (the first `Inference-Header-Content-Length`
+    bytes are the JSON header, the binary inputs follow in order). Without that header the body is JSON,
+    whatever its Content-Type: tritonclient's JSON mode sends none."""
+    if header_length is None:
+        document, binary = parse_json(body), b""
+    else:
+        header_length = header_length.strip()
+        if not (header_length.isascii() and header_length.isdigit()):  # str.isdigit alone takes "²"
+            raise BadRequest(f"{INFERENCE_CONTENT_LENGTH_HEADER} must be a number of bytes, "
+                             f"not {header_length[:40]!r}")
+        length = int(header_length)
+        if length > len(body):
+            raise BadRequest(f"{INFERENCE_CONTENT_LENGTH_HEADER} is {length}, but the body has {len(body)} bytes")
+        document, binary = parse_json(body[:length]), body[length:]
+    request = _object(document, "body")
+    inputs = request.get("inputs")
+    if not isinstance(inputs, list):
+        raise Unprocessable("'inputs' must be a list of tensors")
+    infer_inputs, offset = [], 0
+    for index, tensor in enumerate(inputs):
+        infer_input, offset = _tensor(tensor, index, binary, offset)
+        infer_inputs.append(infer_input)
+    if offset != len(binary):
+        raise BadRequest(f"{len(binary) - offset} bytes after the JSON header belong to no input")
+    outputs = request.get("outputs")
+    if outputs is not None and not isinstance(outputs, list):
+        raise Unprocessable("'outputs' must be a list")
+    requested = []
+    for index, output in enumerate(outputs or []):
+        output = _object(output, f"outputs[{index}]")
+        if not isinstance(output.get("name"), str):
+            raise Unprocessable(f"'outputs[{index}].name' must be a string")
+        requested.append(RequestedOutput(output["name"], _parameters(output, f"outputs[{index}]")))
+    request_id = request.get("id")
+    if request_id is not None and not isinstance(request_id, str):
+        raise Unprocessable("'id' must be a string")
+    return InferRequest(model_name=model_name, infer_inputs=infer_inputs, request_id=request_id,
+                        parameters=_parameters(request, "body"), request_outputs=requested or None)
+
+
+def infer_response(model_name: str, request: InferRequest, embeddings: np.ndarray) -> InferResponse:
+    """The embeddings as the request asked for them: JSON data, or binary (REST `binary_data_output` or an
+    output's `binary_data`), which KServe's to_rest writes."""
     output = InferOutput(name=OUTPUT_NAME, shape=list(embeddings.shape), datatype="FP32")
     output.set_data_from_numpy(embeddings, binary_data=False)
-    return InferResponse(response_id=request_id or "", model_name=model_name, infer_outputs=[output])
+    return InferResponse(response_id=request.id or "", model_name=model_name, infer_outputs=[output],
+                         use_binary_outputs=bool(request.use_binary_outputs),
+                         requested_outputs=request.request_outputs)
 
 
 def cost_headers(embedded: Embedded) -> dict[str, str]:

@@ -19,6 +19,7 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import FileResponse, HTMLResponse
 from swagger_ui_bundle import swagger_ui_path
 
+from adapters import BINARY
 from auth_middleware import DOCS_ASSETS, INVALID_KEY_BODY, MISSING_KEY_BODY, OPENAI_PATH_PREFIXES, is_public
 from errors import RETRY_AFTER_SECONDS
 
@@ -254,12 +255,19 @@ def _operations(model_name: str, dimension: int) -> dict[tuple[str, str], dict]:
         },
         ("/v2/models/{model_name}/infer", "post"): {
             "summary": "Embed texts (Open Inference Protocol V2)",
+            "description": "JSON (with or without a Content-Type), or the binary tensor extension: the first "
+                           "`Inference-Header-Content-Length` bytes are the JSON header, each input with "
+                           "`parameters.binary_data_size` takes its bytes from what follows (BYTES: each element a "
+                           "4-byte little-endian length, then the UTF-8 text). Ask for a binary answer with "
+                           "`parameters.binary_data_output` or an output's `parameters.binary_data`.",
             "requestBody": {"content": {"application/json": {"examples": {
-                "texts": {"summary": "A BYTES tensor of texts", "value": infer_example}}}}},
+                "texts": {"summary": "A BYTES tensor of texts", "value": infer_example}}},
+                BINARY: {"schema": {"type": "string", "format": "binary"}}}},
             "responses": {"200": {"description": f"An FP32 tensor [n, {dimension}], row-major",
                                   "headers": _cost_headers(),
                                   "content": {"application/json": {"examples": {
-                                      "embeddings": {"summary": "Embeddings", "value": infer_answer}}}}},
+                                      "embeddings": {"summary": "Embeddings", "value": infer_answer}}},
+                                      BINARY: {"schema": {"type": "string", "format": "binary"}}}},
                           **_embedding_errors(openai=False)},
         },
     }

@@ -5,6 +5,7 @@ import logging
 from http import HTTPStatus
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 from kserve.errors import InvalidInput
@@ -56,9 +57,18 @@ async def _http_error(_: Request, exc: HTTPException) -> JSONResponse:
     return JSONResponse(status_code=exc.status_code, content=error_body(str(exc.detail)), headers=exc.headers)
 
 
+async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+    """FastAPI's 422 for a typed body (KServe's routes) in our shape. It names where, never echoes the value:
+    FastAPI's own body would hold it, and cannot even be written when it is NaN (a 500)."""
+    problems = [f"{'.'.join(str(part) for part in error.get('loc', ()))}: {error.get('msg', 'invalid')}"
+                for error in exc.errors()[:5]]
+    return JSONResponse(status_code=HTTPStatus.UNPROCESSABLE_ENTITY, content=error_body("; ".join(problems)))
+
+
 def register_error_handlers(app: FastAPI) -> None:
     """Our statuses; KServe's own handlers (InvalidInput 400, ModelNotFound 404, ...) stay for the rest."""
     for cls in (BadRequest, Unprocessable, TooLarge):
         app.add_exception_handler(cls, _request_error)
     app.add_exception_handler(Overloaded, _overloaded)
     app.add_exception_handler(HTTPException, _http_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)

@@ -1,6 +1,6 @@
 """The embedding model server: a kserve.Model for sentence-transformers, and its entry point.
 
-Request path: auth_middleware (API key) -> KServe V1/V2/gRPC or routes.py (legacy adapter)
+Request path: auth_middleware (API key) -> KServe V1, routes.py (legacy, OpenAI, V2 REST) or grpc_v2 (gRPC)
 -> EmbeddingModel.preprocess (adapters: body -> texts) -> predict (batcher -> backend)
 -> postprocess (adapters: embeddings -> body).
 """
@@ -35,8 +35,7 @@ class EmbedRequest:
     """What preprocess hands to predict: the texts, and how the caller wants the answer back."""
 
     texts: list[str]
-    v2: bool
-    request_id: str | None = None
+    v2_request: InferRequest | None = None  # None for V1 and the routes built on it
 
 
 @dataclass
@@ -87,8 +86,8 @@ class EmbeddingModel(Model):
     async def preprocess(self, payload: dict | InferRequest, headers: dict[str, str] | None = None) -> EmbedRequest:
         if isinstance(payload, InferRequest):
             texts = check_limits(texts_from_infer_request(payload), self.limits)
-            return EmbedRequest(texts, v2=True, request_id=payload.id)
-        return EmbedRequest(check_limits(texts_from_instances(payload), self.limits), v2=False)
+            return EmbedRequest(texts, v2_request=payload)
+        return EmbedRequest(check_limits(texts_from_instances(payload), self.limits))
 
     async def predict(self, payload: EmbedRequest, headers: dict[str, str] | None = None,
                       response_headers: dict[str, str] | None = None) -> EmbedResult:
@@ -101,8 +100,8 @@ class EmbeddingModel(Model):
         if response_headers is not None:
             response_headers.update(cost_headers(result.embedded))
         embeddings = result.embedded.embeddings
-        if result.request.v2:
-            return infer_response(self.name, result.request.request_id, embeddings)
+        if result.request.v2_request is not None:
+            return infer_response(self.name, result.request.v2_request, embeddings)
         return {"predictions": embeddings}
 
 

@@ -1,15 +1,19 @@
-"""The legacy service's routes, as thin adapters over the same KServe data plane as V1."""
+"""Our HTTP routes (the legacy service's, OpenAI's embeddings, V2 inference), as thin adapters over KServe's
+data plane."""
 from __future__ import annotations
 
 import logging
 from http import HTTPStatus
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, Response
 from fastapi.responses import ORJSONResponse
+from kserve.constants.constants import INFERENCE_CONTENT_LENGTH_HEADER
 from kserve.protocol.dataplane import DataPlane
+from kserve.protocol.rest.v2_datamodels import InferenceResponse
+from kserve.protocol.rest.v2_endpoints import V2Endpoints
 
-from adapters import (COMPUTE_TOKENS, OpenAIRequestError, legacy_response, openai_embedding_response,
-                      openai_error_body, parse_json, parse_legacy, parse_openai_embedding)
+from adapters import (BINARY, COMPUTE_TOKENS, OpenAIRequestError, legacy_response, openai_embedding_response,
+                      openai_error_body, parse_json, parse_legacy, parse_openai_embedding, parse_v2_rest)
 from batcher import Overloaded
 from errors import RETRY_AFTER_SECONDS, BadRequest, TooLarge, Unprocessable
 from settings import Settings
@@ -53,6 +57,31 @@ def register_legacy_routes(app: FastAPI, dataplane: DataPlane, model_name: str, 
     app.add_api_route("/health", health, methods=["GET"], tags=["Legacy"])
     app.add_api_route("/api-key-info", key_info, methods=["GET"], tags=["Legacy"])
     app.add_api_route("/embedding", embedding, methods=["POST"], tags=["Legacy"])
+
+
+V2_INFER_PATHS = ("/v2/models/{model_name}/infer", "/v2/models/{model_name}/versions/{model_version}/infer")
+
+
+def register_v2_infer_routes(app: FastAPI, dataplane: DataPlane) -> None:
+    """V2 inference with the body parsed by adapters.parse_v2_rest, then KServe's own handler.
+
+    KServe 0.21.0 lets FastAPI parse the body: a body without Content-Type (tritonclient's JSON mode) is bytes it
+    refuses for a missing binary header, and NaN, a lone surrogate or a bad binary part end in a 500. Registered
+    before KServe adds its routes at start, these answer the same paths; KServe's stay in the API document.
+    """
+    endpoints = V2Endpoints(dataplane)
+
+    async def infer(request: Request, response: Response, model_name: str,
+                    model_version: str | None = None) -> InferenceResponse | Response:
+        infer_request = parse_v2_rest(await request.body(), request.headers.get(INFERENCE_CONTENT_LENGTH_HEADER),
+                                      model_name)
+        answer = await endpoints.infer(request, response, model_name, infer_request, model_version)
+        if isinstance(answer, Response):  # KServe answers a binary output with no media type
+            answer.headers["content-type"] = BINARY
+        return answer
+
+    for path in V2_INFER_PATHS:
+        app.add_api_route(path, infer, methods=["POST"], response_model=None, include_in_schema=False, tags=["V2"])
 
 
 OPENAI_PREFIX = "/openai/v1"  # KServe's prefix for OpenAI routes

@@ -12,7 +12,6 @@ from kserve.model_server import app
 from kserve.protocol.grpc import grpc_predict_v2_pb2_grpc
 from kserve.protocol.grpc.interceptors import ExceptionToStatusInterceptor, LoggingInterceptor
 from kserve.protocol.grpc.server import GRPCServer
-from kserve.protocol.grpc.servicer import InferenceServicer
 from starlette.middleware.cors import CORSMiddleware
 
 from api_docs import install_api_docs
@@ -21,7 +20,8 @@ from errors import register_error_handlers
 from limits import BodyGuardMiddleware
 from observability import ObservabilityMiddleware
 from adapters import COST_HEADERS
-from routes import register_legacy_routes, register_openai_routes
+from grpc_v2 import EmbeddingServicer, MalformedMessageInterceptor
+from routes import register_legacy_routes, register_openai_routes, register_v2_infer_routes
 from settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -40,13 +40,14 @@ class AuthGRPCServer(GRPCServer):
     async def start(self, max_workers: int) -> None:
         self._server = aio.server(
             futures.ThreadPoolExecutor(max_workers=max_workers),
-            interceptors=(GrpcApiKeyInterceptor(self._keys), LoggingInterceptor(), ExceptionToStatusInterceptor()),
+            interceptors=(GrpcApiKeyInterceptor(self._keys), MalformedMessageInterceptor(), LoggingInterceptor(),
+                          ExceptionToStatusInterceptor()),
             options=[
                 ("grpc.max_send_message_length", self._kwargs.get("grpc_max_send_message_length")),
                 ("grpc.max_receive_message_length", self._kwargs.get("grpc_max_receive_message_length")),
             ],
         )
-        servicer = InferenceServicer(self._data_plane, self._model_repository_extension)
+        servicer = EmbeddingServicer(self._data_plane, self._model_repository_extension)
         grpc_predict_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, self._server)
         self._server.add_insecure_port(f"[::]:{self._port}")
         logger.info("Starting gRPC server on port %d (API key required)", self._port)
@@ -67,6 +68,7 @@ def create_server(model: Model, settings: Settings, args: argparse.Namespace, di
     logging.getLogger("uvicorn.access").disabled = True
     register_legacy_routes(app, server.dataplane, model.name, settings)
     register_openai_routes(app, server.dataplane, model.name, dimension)
+    register_v2_infer_routes(app, server.dataplane)
     register_error_handlers(app)
     # Added last is outermost: CORS answers preflights before the key is checked, and the body is
     # read (within its limit) only for requests that carry a valid key.

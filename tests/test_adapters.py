@@ -9,8 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from kserve.protocol.infer_type import InferInput, InferRequest
 
-from adapters import (embedding_string, infer_response, legacy_response, parse_json, parse_legacy,
-                      texts_from_infer_request, texts_from_instances)
+from adapters import (embedding_string, infer_response, legacy_response, parse_json, parse_legacy, parse_v2_rest,
+                      split_bytes_tensor, texts_from_infer_request, texts_from_instances)
 from errors import BadRequest, Unprocessable
 
 
@@ -95,6 +95,7 @@ def test_texts_from_infer_request_shapes_and_bytes():
     (v2_request(["a", "b"], [1, 2]), "shape"),
     (v2_request(["a", "b"], [3]), "elements"),
     (v2_request([b"\xff"], [1]), "UTF-8"),
+    (v2_request(["\ud800"], [1]), "Unicode"),
 ])
 def test_texts_from_infer_request_errors(request_, words):
     with pytest.raises(Unprocessable) as caught:
@@ -103,7 +104,56 @@ def test_texts_from_infer_request_errors(request_, words):
 
 
 def test_infer_response_is_fp32_n_by_dim():
-    response = infer_response("m", "id-1", np.ones((3, 4), dtype=np.float32))
+    request = InferRequest(model_name="m", infer_inputs=[], request_id="id-1")
+    response = infer_response("m", request, np.ones((3, 4), dtype=np.float32))
     output = response.outputs[0]
     assert (output.name, output.datatype, output.shape) == ("embedding", "FP32", [3, 4])
     assert response.id == "id-1"
+
+
+@pytest.mark.parametrize("request_", [v2_request([], [0]), v2_request([], [0, 1])])
+def test_texts_from_infer_request_refuses_empty_input(request_):
+    with pytest.raises(BadRequest, match="No texts"):
+        texts_from_infer_request(request_)
+
+
+def test_texts_from_instances_refuses_empty_input():
+    with pytest.raises(BadRequest, match="No texts"):
+        texts_from_instances({"instances": []})
+
+
+def test_split_bytes_tensor():
+    assert split_bytes_tensor(b"\x01\x00\x00\x00a\x00\x00\x00\x00", "t") == [b"a", b""]
+    for broken in (b"\x05\x00\x00\x00abc", b"\x01\x00"):
+        with pytest.raises(BadRequest, match="'t'"):
+            split_bytes_tensor(broken, "t")
+
+
+def test_parse_v2_rest_json_binary_and_answer_form():
+    head = b'{"inputs": [{"name": "text", "shape": [1, 1], "datatype": "BYTES", ' \
+           b'"parameters": {"binary_data_size": 6}}], "outputs": [{"name": "embedding", ' \
+           b'"parameters": {"binary_data": true}}], "id": "r1"}'
+    request = parse_v2_rest(head + b"\x02\x00\x00\x00hi", str(len(head)), "m")
+    assert texts_from_infer_request(request) == ["hi"] and request.id == "r1"
+    body, json_length = infer_response("m", request, np.ones((1, 4), dtype=np.float32)).to_rest()
+    assert json_length is not None and np.frombuffer(body[json_length:], dtype="<f4").tolist() == [1.0] * 4
+    plain = parse_v2_rest(b'{"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": ["a"]}]}',
+                          None, "m")
+    assert texts_from_infer_request(plain) == ["a"]
+    assert infer_response("m", plain, np.ones((1, 4), dtype=np.float32)).to_rest()[1] is None
+
+
+@pytest.mark.parametrize("body,header,error", [
+    (b'{"inputs": NaN}', None, BadRequest),
+    (b'{"inputs": []}', "x1", BadRequest),
+    (b'{"inputs": []}', "\u00b2", BadRequest),
+    (b'{"inputs": []}', "99", BadRequest),
+    (b'{"inputs": []}extra', "14", BadRequest),
+    (b'{"inputs": {}}', None, Unprocessable),
+    (b'{"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES"}]}', None, Unprocessable),
+    (b'{"inputs": [], "outputs": [{"name": 1}]}', None, Unprocessable),
+    (b'{"inputs": [], "parameters": []}', None, Unprocessable),
+])
+def test_parse_v2_rest_errors(body, header, error):
+    with pytest.raises(error):
+        parse_v2_rest(body, header, "m")

@@ -11,16 +11,21 @@ from __future__ import annotations
 from collections import Counter
 from urllib.parse import unquote, urlsplit
 
+import json
+
 import numpy as np
 import pytest
 import requests
 import schemathesis
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from schemathesis import checks
 from schemathesis.core.failures import Failure
 from schemathesis.engine import Status, events, from_schema
 
 from auth_middleware import is_public
 from conftest import MODEL_NAME, RunningServer, cosines, start_server
+from test_limits import json_values, tensor_documents
 
 KEY = "fuzz-key-5d81"
 # Small limits: the fuzzer reaches 413 quickly, and a valid request embeds at most a few short texts.
@@ -68,8 +73,11 @@ def fuzz_server(tmp_path_factory) -> RunningServer:
 
 
 def load_schema(server: RunningServer, check_names: list[str], headers: dict[str, str] | None = None,
-                **parameters: str) -> schemathesis.BaseSchema:
-    schema = schemathesis.openapi.from_url(f"{server.url}/openapi.json", timeout=30)
+                document: dict | None = None, **parameters: str) -> schemathesis.BaseSchema:
+    if document is None:
+        schema = schemathesis.openapi.from_url(f"{server.url}/openapi.json", timeout=30)
+    else:
+        schema = schemathesis.openapi.from_dict(document)
     assert schema.raw_schema.get("components", {}).get("securitySchemes"), \
         "the server serves FastAPI's bare document, not the one of api_docs.install_api_docs"
     config = schema.config
@@ -155,6 +163,50 @@ def test_limit_answers_match_the_document(fuzz_server: RunningServer, path: str,
                                      body=body, media_type="application/json")
     response = case.call_and_validate(headers={"X-Api-Key": KEY}, checks=[getattr(checks, name) for name in CHECKS])
     assert response.status_code == 413, response.text
+
+
+V2_INFER = f"/v2/models/{MODEL_NAME}/infer"
+V2_INFER_OPERATION = "/v2/models/{model_name}/infer"
+
+
+def with_binary_extension(server: RunningServer) -> dict:
+    """The server's document, with the V2 binary extension it cannot state in OpenAPI terms (the first
+    Inference-Header-Content-Length bytes are JSON, the binary inputs follow): any bytes, any header value."""
+    document = requests.get(f"{server.url}/openapi.json", timeout=30).json()
+    operation = document["paths"][V2_INFER_OPERATION]["post"]
+    operation["requestBody"]["content"] = {"application/octet-stream": {"schema": {"type": "string",
+                                                                                   "format": "binary"}}}
+    operation.setdefault("parameters", []).append({
+        "name": "Inference-Header-Content-Length", "in": "header", "required": True,
+        "schema": {"type": "string"}, "examples": {"json_length": {"value": "2"}}})
+    return document
+
+
+def test_binary_extension_with_key(fuzz_server: RunningServer):
+    checks_run = [*CHECKS, key_accepted.__name__]
+    schema = load_schema(fuzz_server, checks_run, headers={"X-Api-Key": KEY},
+                         document=with_binary_extension(fuzz_server), model_name=MODEL_NAME)
+    ran, failures = run(schema.include(path=V2_INFER_OPERATION, method="POST"))
+    assert min(ran[name] for name in checks_run) > 30, ran
+    assert not failures, "\n".join(failures)
+header_values = st.none() | st.integers(0, 5000).map(str) | st.from_regex(r"[0-9a-z+.-]{1,6}", fullmatch=True)
+
+
+@settings(max_examples=150, deadline=None)
+@given(tensor_documents | json_values, st.binary(max_size=64), header_values, st.booleans())
+def test_v2_body_and_binary_extension_never_get_a_5xx(fuzz_server: RunningServer, document, tail, header, honest):
+    """V2 JSON bodies and binary-extension bodies (honest or lying Inference-Header-Content-Length), as the
+    document cannot describe them: a 200, or a 4xx in the one error shape."""
+    head = json.dumps(document).encode()
+    headers = {"X-Api-Key": KEY}
+    if honest:
+        header = str(len(head))
+    if header is not None:
+        headers["Inference-Header-Content-Length"] = header
+    response = requests.post(fuzz_server.url + V2_INFER, data=head + tail, headers=headers, timeout=60)
+    assert response.status_code < 500, response.text
+    if response.status_code != 200:
+        assert list(response.json()) == ["error"], response.text
 
 
 def test_model_still_served_after_fuzzing(fuzz_server: RunningServer):

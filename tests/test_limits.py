@@ -12,7 +12,11 @@ import requests
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from adapters import check_limits, parse_legacy, parse_openai_embedding, texts_from_instances
+import numpy as np
+from kserve.protocol.infer_type import InferInput, InferRequest
+
+from adapters import (check_limits, parse_legacy, parse_openai_embedding, parse_v2_rest, split_bytes_tensor,
+                      texts_from_infer_request, texts_from_instances)
 from adapters import OpenAIRequestError
 from errors import BadRequest, TooLarge, Unprocessable
 from conftest import MODEL_NAME, TEST_KEY, cosines, start_server
@@ -64,6 +68,59 @@ def test_adapters_take_any_json_or_refuse_it_cleanly(value):
         assert 400 <= exc.status < 500
     else:
         assert request.texts and all(isinstance(t, str) for t in request.texts)
+
+
+def texts_or_refusal(body: bytes, header_length: str | None) -> list[str] | None:
+    """What the V2 REST route makes of a body: its texts, or None for one of our typed 4xx errors."""
+    try:
+        return texts_from_infer_request(parse_v2_rest(body, header_length, MODEL_NAME))
+    except (BadRequest, Unprocessable):
+        return None
+
+
+tensor_documents = st.fixed_dictionaries(
+    {"inputs": st.lists(st.fixed_dictionaries(
+        {"name": st.just("text") | st.text(max_size=4), "datatype": st.sampled_from(["BYTES", "FP32", "bytes"]),
+         "shape": st.lists(st.integers(-2, 5), max_size=3)},
+        optional={"data": json_values,
+                  "parameters": st.fixed_dictionaries({}, optional={"binary_data_size": st.integers(-2, 40)})}),
+        max_size=2)},
+    optional={"outputs": json_values, "parameters": json_values, "id": json_values},
+)
+header_lengths = st.none() | st.integers(-5, 200).map(str) | st.text(max_size=6)
+
+
+@settings(max_examples=400, deadline=None)
+@given(tensor_documents | json_values, st.binary(max_size=40), header_lengths)
+def test_v2_rest_takes_any_body_or_refuses_it_cleanly(document, tail, header_length):
+    """Any V2-like JSON, binary part and Inference-Header-Content-Length: texts, or a typed 4xx, never a crash."""
+    head = json.dumps(document).encode()
+    for body, length in ((head, None), (head + tail, str(len(head))), (head + tail, header_length)):
+        texts = texts_or_refusal(body, length)
+        assert texts is None or (texts and all(isinstance(t, str) for t in texts))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=64))
+def test_any_bytes_tensor_splits_or_is_refused(raw):
+    try:
+        elements = split_bytes_tensor(raw, "text")
+    except BadRequest:
+        return
+    assert sum(4 + len(e) for e in elements) == len(raw)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.text(max_size=30), min_size=1, max_size=6), st.booleans(), st.booleans())
+def test_v2_rest_reads_what_kserve_clients_write(texts, binary, column):
+    """JSON or the binary extension, [n] or [n, 1], as KServe's InferRequest.to_rest writes it: the same texts."""
+    shape = [len(texts), 1] if column else [len(texts)]
+    tensor = InferInput("text", shape, "BYTES")
+    tensor.set_data_from_numpy(np.array(texts, dtype=object).reshape(shape), binary_data=binary)
+    body, json_length = InferRequest(model_name=MODEL_NAME, infer_inputs=[tensor]).to_rest()
+    if json_length is None:
+        body = json.dumps(body).encode()
+    assert texts_or_refusal(body, None if json_length is None else str(json_length)) == texts
 
 
 # --- A server with small limits and several keys ------------------------------------------------------------

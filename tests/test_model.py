@@ -114,6 +114,95 @@ def test_v2_rejects_a_non_bytes_tensor(server):
     assert "BYTES" in response.json()["error"]
 
 
+def binary_body(header: dict, tail: bytes) -> tuple[bytes, str]:
+    """A body of the V2 binary extension: the JSON header, then the binary part; and the header's length."""
+    head = json.dumps(header).encode()
+    return head + tail, str(len(head))
+
+
+def bytes_tensor(*elements: bytes) -> bytes:
+    return b"".join(len(e).to_bytes(4, "little") + e for e in elements)
+
+
+def binary_input(shape: list[int], size: int) -> dict:
+    return {"inputs": [{"name": "text", "shape": shape, "datatype": "BYTES", "parameters": {"binary_data_size": size}}]}
+
+
+HELLO = bytes_tensor(b"hello")
+BAD_V2_BODIES = {  # name: (body, Inference-Header-Content-Length or None, expected status)
+    "NaN": (b'{"inputs": NaN}', None, 400),
+    "Infinity data": (b'{"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": [Infinity]}]}',
+                      None, 400),
+    "lone surrogate": (b'{"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": ["\\ud800"]}]}',
+                       None, 400),
+    "inputs not a list": (b'{"inputs": "text"}', None, 422),
+    "shape of strings": (b'{"inputs": [{"name": "text", "shape": ["1"], "datatype": "BYTES", "data": ["a"]}]}',
+                         None, 422),
+    "header not a number": (*binary_body(binary_input([1], len(HELLO)), HELLO)[:1], "abc", 400),
+    "header a superscript digit": (*binary_body(binary_input([1], len(HELLO)), HELLO)[:1], "\u00b2", 400),
+    "header past the end": (*binary_body(binary_input([1], len(HELLO)), HELLO)[:1], "100000", 400),
+    "length prefix past the end": (*binary_body(binary_input([1], 9), (50).to_bytes(4, "little") + b"hello"), 400),
+    "truncated length prefix": (*binary_body(binary_input([2], len(HELLO) + 2), HELLO + b"\x01\x00"), 400),
+    "binary size past the end": (*binary_body(binary_input([1], 1000), HELLO), 400),
+    "bytes left over": (*binary_body(binary_input([1], len(HELLO)), HELLO + b"extra"), 400),
+    "invalid UTF-8": (*binary_body(binary_input([1], 9), bytes_tensor(b"h\xffllo")), 422),
+    "surrogate as UTF-8": (*binary_body(binary_input([1], 7), bytes_tensor(b"\xed\xa0\x80")), 422),
+    "claimed shape far above the data": (*binary_body(binary_input([1000000000], len(HELLO)), HELLO), 422),
+    "negative binary size": (*binary_body(binary_input([1], -4), HELLO), 422),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_V2_BODIES))
+def test_v2_bad_input_is_a_4xx_in_our_error_shape(server, name):
+    """Each answered 500 (or FastAPI's {"detail": ...}) before: the client's error, in the one JSON error shape."""
+    body, header_length, status = BAD_V2_BODIES[name]
+    headers = server.headers() if header_length is None else {
+        "X-Api-Key": TEST_KEY, "Inference-Header-Content-Length": header_length,
+        "Content-Type": "application/octet-stream"}
+    response = post(server, V2, body, headers=headers)
+    assert response.status_code == status, response.text
+    assert list(response.json()) == ["error"], response.text
+    assert post(server, V2, v2_body(["still serving"])).status_code == 200
+
+
+def test_v2_binary_extension_in_and_out_matches_sentence_transformers(server, reference):
+    texts = TEXTS[:4]
+    header = binary_input([len(texts), 1], 0)
+    tail = bytes_tensor(*(t.encode() for t in texts))
+    header["inputs"][0]["parameters"]["binary_data_size"] = len(tail)
+    header["outputs"] = [{"name": "embedding", "parameters": {"binary_data": True}}]
+    body, length = binary_body(header, tail)
+    response = post(server, V2, body, headers={"X-Api-Key": TEST_KEY, "Inference-Header-Content-Length": length})
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == "application/octet-stream"
+    answer = InferResponse.from_bytes(response.content, int(response.headers["inference-header-content-length"]))
+    assert_matches_reference(answer.outputs[0].as_numpy(), texts, reference)
+
+
+def test_v2_json_without_content_type_is_served(server, reference):
+    response = requests.post(server.url + V2, data=json.dumps(v2_body(TEXTS)).encode(),
+                             headers={"X-Api-Key": TEST_KEY}, timeout=60)
+    assert response.status_code == 200, response.text
+    output = response.json()["outputs"][0]
+    assert_matches_reference(np.asarray(output["data"]).reshape(output["shape"]), TEXTS, reference)
+
+
+EMPTY_BODIES = {
+    "/embedding": {"instances": []},
+    V1: {"instances": []},
+    V2: {"inputs": [{"name": "text", "shape": [0], "datatype": "BYTES", "data": []}]},
+    "/openai/v1/embeddings": {"input": []},
+}
+
+
+@pytest.mark.parametrize("path", list(EMPTY_BODIES))
+def test_empty_input_is_400_on_every_route(server, path):
+    """The README's rule: nothing to embed is the client's error (V1 and V2 answered 200 with nothing)."""
+    response = post(server, path, EMPTY_BODIES[path])
+    assert response.status_code == 400, response.text
+    assert "error" in response.json()
+
+
 # --- gRPC V2 --------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("metadata", [(("x-api-key", TEST_KEY),), (("authorization", f"Bearer {TEST_KEY}"),)])
@@ -132,6 +221,95 @@ def test_grpc_requires_the_key(server, metadata, code):
         grpc_infer(server, ["hello"], metadata)
     assert caught.value.code() == code
     assert TEST_KEY not in (caught.value.details() or "")
+
+
+def raw_grpc_request(texts: list[bytes], shape: list[int]) -> pb.ModelInferRequest:
+    """As tritonclient.grpc and KServe's InferenceGRPCClient send BYTES: raw input contents."""
+    return pb.ModelInferRequest(model_name=MODEL_NAME, inputs=[pb.ModelInferRequest.InferInputTensor(
+        name="text", datatype="BYTES", shape=shape)], raw_input_contents=[b"".join(
+            len(t).to_bytes(4, "little") + t for t in texts)])
+
+
+def typed_grpc_request(texts: list[bytes], shape: list[int]) -> pb.ModelInferRequest:
+    return pb.ModelInferRequest(model_name=MODEL_NAME, inputs=[pb.ModelInferRequest.InferInputTensor(
+        name="text", datatype="BYTES", shape=shape, contents=pb.InferTensorContents(bytes_contents=texts))])
+
+
+def model_infer(server, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
+    with grpc.insecure_channel(server.grpc_target) as channel:
+        return pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, metadata=(("x-api-key", TEST_KEY),),
+                                                                    timeout=60)
+
+
+@pytest.mark.parametrize("shape", [[len(TEXTS)], [len(TEXTS), 1]])
+@pytest.mark.parametrize("form", ["raw", "typed"])
+def test_grpc_answers_in_the_form_it_was_asked(server, reference, form, shape):
+    """Raw input contents in, raw output contents out (as Triton answers); typed contents in, fp32_contents out."""
+    build = raw_grpc_request if form == "raw" else typed_grpc_request
+    response = model_infer(server, build([t.encode() for t in TEXTS], shape))
+    output = response.outputs[0]
+    assert (output.name, output.datatype, list(output.shape)) == ("embedding", "FP32", [len(TEXTS), 384])
+    if form == "raw":
+        assert len(response.raw_output_contents) == 1 and not output.contents.fp32_contents
+        vectors = np.frombuffer(response.raw_output_contents[0], dtype="<f4")
+    else:
+        assert not response.raw_output_contents
+        vectors = np.asarray(output.contents.fp32_contents, dtype=np.float32)
+    assert_matches_reference(vectors.reshape(len(TEXTS), 384), TEXTS, reference)
+
+
+def _raw_with_tail(tail: bytes, shape: list[int]) -> pb.ModelInferRequest:
+    request = raw_grpc_request([], shape)
+    request.raw_input_contents[0] = tail
+    return request
+
+
+BAD_GRPC_REQUESTS = {
+    "wrong length prefix": _raw_with_tail((50).to_bytes(4, "little") + b"hello", [1]),
+    "truncated length prefix": _raw_with_tail(b"\x05\x00", [1]),
+    "invalid UTF-8, raw": raw_grpc_request([b"h\xffllo"], [1]),
+    "invalid UTF-8, typed": typed_grpc_request([b"\xed\xa0\x80"], [1]),
+    "claimed shape far above the data, raw": raw_grpc_request([b"hello"], [1000000000]),
+    "claimed shape far above the data, typed": typed_grpc_request([b"hello"], [1000000000]),
+    "empty, typed": typed_grpc_request([], [0]),
+    "empty, raw": raw_grpc_request([], [0]),
+    "two raw contents for one input": pb.ModelInferRequest(
+        model_name=MODEL_NAME, inputs=raw_grpc_request([b"a"], [1]).inputs, raw_input_contents=[b"", b""]),
+    "FP32 input": pb.ModelInferRequest(model_name=MODEL_NAME, inputs=[pb.ModelInferRequest.InferInputTensor(
+        name="text", datatype="FP32", shape=[1], contents=pb.InferTensorContents(fp32_contents=[1.0]))]),
+    "unknown datatype": pb.ModelInferRequest(model_name=MODEL_NAME, inputs=[pb.ModelInferRequest.InferInputTensor(
+        name="text", datatype="STRING", shape=[1])], raw_input_contents=[b"\x01\x00\x00\x00a"]),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_GRPC_REQUESTS))
+def test_grpc_bad_input_is_invalid_argument(server, name):
+    """The client's error, never INTERNAL or UNKNOWN; and the server keeps serving."""
+    with pytest.raises(grpc.RpcError) as caught:
+        model_infer(server, BAD_GRPC_REQUESTS[name])
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, caught.value.details()
+    assert model_infer(server, typed_grpc_request([b"still serving"], [1])).outputs[0].shape == [1, 384]
+
+
+UNDECODABLE = {
+    "not protobuf": b"\xff\xff\xff\xff",
+    "invalid UTF-8 in the model name": typed_grpc_request([b"hi"], [1]).SerializeToString().replace(
+        MODEL_NAME.encode(), MODEL_NAME[:-1].encode() + b"\xff"),
+}
+
+
+@pytest.mark.parametrize("name", list(UNDECODABLE))
+def test_grpc_message_that_does_not_parse_is_invalid_argument(server, name):
+    """grpc answered UNKNOWN for the deserializer's DecodeError; the key is still checked first."""
+    with grpc.insecure_channel(server.grpc_target) as channel:
+        call = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
+        with pytest.raises(grpc.RpcError) as caught:
+            call(UNDECODABLE[name], metadata=(("x-api-key", TEST_KEY),), timeout=30)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, caught.value.details()
+        with pytest.raises(grpc.RpcError) as caught:
+            call(UNDECODABLE[name], timeout=30)
+        assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert model_infer(server, typed_grpc_request([b"still serving"], [1])).outputs[0].shape == [1, 384]
 
 
 def test_grpc_model_unload_requires_the_key(server):
