@@ -11,7 +11,7 @@ from kserve.protocol.dataplane import DataPlane
 from adapters import (COMPUTE_TOKENS, OpenAIRequestError, legacy_response, openai_embedding_response,
                       openai_error_body, parse_json, parse_legacy, parse_openai_embedding)
 from batcher import Overloaded
-from errors import RETRY_AFTER_SECONDS, BadRequest, TooLarge, Unprocessable
+from errors import BadRequest, TooLarge, Unprocessable
 from settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -71,7 +71,7 @@ def register_openai_routes(app: FastAPI, dataplane: DataPlane, model_name: str, 
             except (BadRequest, Unprocessable, TooLarge) as exc:
                 raise OpenAIRequestError(exc.reason, status=exc.status) from None
             except Overloaded as exc:
-                headers["Retry-After"] = str(RETRY_AFTER_SECONDS)
+                headers["Retry-After"] = str(exc.retry_after)
                 raise OpenAIRequestError(str(exc), status=429, type_="rate_limit_error") from None
         except OpenAIRequestError as exc:
             return ORJSONResponse(openai_error_body(exc), status_code=exc.status, headers=headers)
