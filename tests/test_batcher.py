@@ -222,27 +222,36 @@ def test_admission_bounds_the_estimated_wait_and_says_when_to_retry(backend):
 
 
 def test_a_request_is_answered_when_its_own_rows_are_done(backend):
-    """A short request that arrived first is not held until the rows of a large one behind it are done."""
-    counting = CountingBackend(backend)
+    """A short request queued before a large one is answered before the large one's rows are all done."""
+    gated = GatedBackend(backend)
     small = ["short one", "short two"]
     large = [f"{i} " + "a longer text about the weather and markets " * 6 for i in range(400)]
     answered_after: dict[str, int] = {}
 
     async def run():
-        batcher = Batcher(counting, max_batch_tokens=1024)
+        batcher = Batcher(gated, max_batch_tokens=1024, max_queue_seconds=3600)  # no refusal here
 
         async def embed(name, texts):
             result = await batcher.embed(texts)
-            answered_after[name] = len(counting.batches)
+            answered_after[name] = len(gated.batches)
             return result
 
         try:
-            return await asyncio.gather(embed("small", small), embed("large", large))
+            blocker = asyncio.ensure_future(embed("blocker", ["the model is busy with this"]))
+            await wait_for(gated.entered)
+            first = asyncio.ensure_future(embed("small", small))
+            await asyncio.sleep(0)
+            second = asyncio.ensure_future(embed("large", large))
+            while len(batcher._pending) < len(small) + len(large):  # both queued behind the blocker
+                await asyncio.sleep(0.01)
+            gated.gate.set()
+            return await asyncio.gather(blocker, first, second)
         finally:
+            gated.gate.set()
             batcher.close()
 
     results = asyncio.run(run())
-    assert [r.embeddings.shape[0] for r in results] == [2, 400]
+    assert [r.embeddings.shape[0] for r in results] == [1, 2, 400]
     assert answered_after["small"] < answered_after["large"], answered_after
 
 
