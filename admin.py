@@ -32,7 +32,8 @@ class RepositoryGuardMiddleware:
     """Off: the repository routes answer 404 for every key. On: they take the admin key only.
 
     A middleware rather than removing KServe's routes: FastAPI 0.165 keeps included routers unflattened, so the
-    routes are not a list to filter. Outside ApiKeyMiddleware, which takes the admin key too.
+    routes are not a list to filter. Inside ApiKeyMiddleware, which takes the admin key too: a request without a
+    valid key gets its 401/403 there, as on every other route.
     """
 
     def __init__(self, app: ASGIApp, admin_keys: tuple[str, ...]):
@@ -62,7 +63,7 @@ def _abort(code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler:
 
 
 class GrpcRepositoryInterceptor(grpc.aio.ServerInterceptor):
-    """The same rule over gRPC, ahead of the client-key interceptor."""
+    """The same rule over gRPC, ahead of the client-key interceptor (no key: UNIMPLEMENTED or UNAUTHENTICATED)."""
 
     def __init__(self, admin_keys: tuple[str, ...]):
         self.checker = KeyChecker(admin_keys) if admin_keys else None

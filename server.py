@@ -199,8 +199,8 @@ def create_server(model: Model, settings: Settings, args: argparse.Namespace, di
     # Added last is outermost: CORS answers preflights before the key is checked, and the body is
     # read (within its limit) only for requests that carry a valid key.
     app.add_middleware(BodyGuardMiddleware, max_body_bytes=settings.limits.max_body_bytes)
-    app.add_middleware(ApiKeyMiddleware, keys=settings.api_keys + settings.admin_api_keys)
     app.add_middleware(RepositoryGuardMiddleware, admin_keys=settings.admin_api_keys)
+    app.add_middleware(ApiKeyMiddleware, keys=settings.api_keys + settings.admin_api_keys)
     app.add_middleware(CORSMiddleware, allow_origins=["*"], allow_methods=CORS_METHODS, allow_headers=CORS_HEADERS,
                        expose_headers=[*COST_HEADERS, "x-request-id"])
     app.add_middleware(ObservabilityMiddleware)  # outermost of ours: it sees the 401s and preflights too
