@@ -63,7 +63,7 @@ def _abort(code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler:
 
 
 class GrpcRepositoryInterceptor(grpc.aio.ServerInterceptor):
-    """The same rule over gRPC, ahead of the client-key interceptor (no key: UNIMPLEMENTED or UNAUTHENTICATED)."""
+    """The same rule over gRPC, after the key interceptor (which takes the admin key too), as on REST."""
 
     def __init__(self, admin_keys: tuple[str, ...]):
         self.checker = KeyChecker(admin_keys) if admin_keys else None

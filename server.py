@@ -45,7 +45,7 @@ CORS_HEADERS = ["Content-Type", "X-Api-Key", "Authorization"]
 
 
 class AuthGRPCServer(GRPCServer):
-    """KServe's gRPC V2 server with the repository and API-key interceptors in front of its own two."""
+    """KServe's gRPC V2 server with the API-key and repository interceptors in front of its own two."""
 
     def __init__(self, *args, keys: tuple[str, ...], admin_keys: tuple[str, ...] = (), **kwargs):
         super().__init__(*args, **kwargs)
@@ -55,9 +55,8 @@ class AuthGRPCServer(GRPCServer):
     async def start(self, max_workers: int) -> None:
         self._server = aio.server(
             futures.ThreadPoolExecutor(max_workers=max_workers),
-            interceptors=(GrpcRepositoryInterceptor(self._admin_keys),
-                          GrpcApiKeyInterceptor(self._keys + self._admin_keys), LoggingInterceptor(),
-                          GrpcErrorInterceptor()),
+            interceptors=(GrpcApiKeyInterceptor(self._keys + self._admin_keys),
+                          GrpcRepositoryInterceptor(self._admin_keys), LoggingInterceptor(), GrpcErrorInterceptor()),
             options=[
                 ("grpc.max_send_message_length", self._kwargs.get("grpc_max_send_message_length")),
                 ("grpc.max_receive_message_length", self._kwargs.get("grpc_max_receive_message_length")),
