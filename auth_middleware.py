@@ -95,6 +95,13 @@ def http_presented_keys(headers: Headers) -> set[str]:
     return presented_keys(headers.getlist(KEY_HEADER), headers.getlist(AUTHORIZATION_HEADER))
 
 
+def grpc_presented_keys(metadata: Iterable[tuple[str, str]]) -> set[str]:
+    """The same from gRPC metadata, every repeated entry included."""
+    metadata = tuple(metadata or ())
+    return presented_keys([value for key, value in metadata if key == KEY_HEADER],
+                          [value for key, value in metadata if key == AUTHORIZATION_HEADER])
+
+
 class KeyChecker:
     """Compares a presented key with every valid key in constant time."""
 
@@ -138,7 +145,9 @@ class ApiKeyMiddleware:
         await rejection(status, scope["path"])(scope, receive, send)
 
 
-def _denied(code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler:
+def denied(code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler:
+    """A gRPC handler that answers every call with this status, for interceptors that refuse a call."""
+
     async def abort(request, context: grpc.aio.ServicerContext):
         await context.abort(code, message)
 
@@ -150,16 +159,13 @@ class GrpcApiKeyInterceptor(grpc.aio.ServerInterceptor):
 
     def __init__(self, keys: Iterable[str]):
         self.checker = KeyChecker(keys)
-        self._missing = _denied(grpc.StatusCode.UNAUTHENTICATED, MISSING_KEY_BODY["message"])
-        self._invalid = _denied(grpc.StatusCode.PERMISSION_DENIED, INVALID_KEY_BODY["message"])
+        self._missing = denied(grpc.StatusCode.UNAUTHENTICATED, MISSING_KEY_BODY["message"])
+        self._invalid = denied(grpc.StatusCode.PERMISSION_DENIED, INVALID_KEY_BODY["message"])
 
     async def intercept_service(self, continuation, handler_call_details: grpc.HandlerCallDetails):
         if handler_call_details.method in PUBLIC_GRPC_METHODS:
             return await continuation(handler_call_details)
-        metadata = handler_call_details.invocation_metadata or ()
-        keys = presented_keys([value for key, value in metadata if key == KEY_HEADER],
-                              [value for key, value in metadata if key == AUTHORIZATION_HEADER])
-        status = self.checker.check(keys)
+        status = self.checker.check(grpc_presented_keys(handler_call_details.invocation_metadata))
         if status == 200:
             return await continuation(handler_call_details)
         return self._missing if status == 401 else self._invalid

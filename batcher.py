@@ -1,17 +1,21 @@
 """Dynamic batching across concurrent requests, apart from any backend.
 
-Requests put their tokenized texts in a queue. One worker takes everything queued at that
-moment (a round), sorts it by length so that little padding is computed, cuts it into
-micro-batches by a token budget, runs each off the event loop, and routes every row back
-to its request in the caller's order. Texts that arrive while a round runs wait for the
-next round, so a request never waits longer than one round behind the ones before it.
+Requests put their tokenized texts in a queue, in arrival order. One worker takes the oldest
+texts up to a few micro-batches' worth of tokens (a round), sorts them by length so that
+little padding is computed, cuts them into micro-batches by a token budget, runs each off the
+event loop, and routes every row back to its request in the caller's order. A request is
+answered as soon as its own rows are done, and it waits only for the texts that arrived
+before it: admission can therefore bound the wait of every request it accepts, from the
+work already admitted and the throughput measured so far.
 """
 from __future__ import annotations
 
 import asyncio
 import functools
 import logging
+import math
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -19,13 +23,46 @@ import numpy as np
 
 from backends import EXACT, Backend, ShapeGrid, Tokenized
 from observability import observe_batch, observe_queue_wait
-from settings import DEFAULT_MAX_BATCH_TOKENS
+from settings import DEFAULT_MAX_BATCH_TOKENS, Limits
 
 logger = logging.getLogger(__name__)
 
 
 class Overloaded(RuntimeError):
-    """The queue holds more texts than the server will take on; the caller should retry later."""
+    """The work already admitted would not be done in time; the caller should retry in `retry_after` seconds."""
+
+    def __init__(self, message: str, retry_after: int = 1):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+    def __reduce__(self):  # Ray sends it from a replica to the front end
+        return type(self), (str(self), self.retry_after)
+
+
+# Before anything has been measured: a slow CPU's rate (about half a core), so that a fresh server admits too
+# little rather than too much. The first round's measurement replaces it.
+INITIAL_TOKENS_PER_SECOND = 500.0
+RATE_HORIZON_SECONDS = 5.0  # busy seconds over which the measured rate moves most of the way to a new level
+
+
+class Throughput:
+    """Tokens per second the model has computed lately: an exponentially weighted rate over busy time."""
+
+    def __init__(self, initial: float = INITIAL_TOKENS_PER_SECOND, horizon: float = RATE_HORIZON_SECONDS):
+        self.tokens_per_second = initial
+        self.horizon = horizon
+        self.measured = False
+
+    def observe(self, tokens: int, seconds: float) -> None:
+        if tokens <= 0 or seconds <= 0:
+            return
+        # The first measurement replaces the guess outright; later ones move the rate by their share of the horizon.
+        weight = 1.0 - math.exp(-seconds / self.horizon) if self.measured else 1.0
+        self.tokens_per_second += weight * (tokens / seconds - self.tokens_per_second)
+        self.measured = True
+
+    def seconds_for(self, tokens: float) -> float:
+        return tokens / self.tokens_per_second
 
 
 @dataclass
@@ -45,6 +82,7 @@ class _Request:
     future: asyncio.Future
     out: np.ndarray
     remaining: int
+    pending_tokens: int = 0  # admitted and not yet computed; given back if the request ends early
     enqueued: float = field(default_factory=time.perf_counter)
     started: float | None = None
     compute_seconds: float = 0.0
@@ -54,6 +92,12 @@ INLINE_TOKENIZE_CHARS = 2048  # smaller requests are tokenized on the event loop
 INLINE_PLAN_TEXTS = 256  # larger rounds are planned off the event loop (the plan is O(texts x rows))
 # A model call costs about as much as this many tokens more (OpenVINO bf16, 2 cores: 1.35 ms + 0.07 ms a token).
 CALL_OVERHEAD_TOKENS = 20
+# A round holds at most this many micro-batches' worth of tokens: enough rows to sort by length, few enough
+# that the oldest requests are answered after a few batches rather than after everything queued...
+ROUND_BATCHES = 4
+# ... and at most this share of MAX_QUEUE_SECONDS at the measured rate, so that a request that starts just
+# before its deadline still ends well within twice the bound on a slow or busy machine.
+ROUND_SHARE_OF_BOUND = 0.25
 
 
 def plan_batches(lengths: list[int], max_batch_tokens: int, call_overhead_tokens: int = CALL_OVERHEAD_TOKENS,
@@ -91,12 +135,16 @@ def plan_batches(lengths: list[int], max_batch_tokens: int, call_overhead_tokens
 
 
 class Batcher:
-    def __init__(self, backend: Backend, max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS, max_queued_texts: int = 0):
+    def __init__(self, backend: Backend, max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS, max_queued_texts: int = 0,
+                 max_queue_seconds: float = Limits.max_queue_seconds, throughput: Throughput | None = None):
         self.backend = backend
         self.max_batch_tokens = max_batch_tokens
         self.max_queued_texts = max_queued_texts
-        self._pending: list[tuple[_Request, int]] = []
-        self._waiting = 0  # texts accepted and not yet taken by a round, counting those being tokenized
+        self.max_queue_seconds = max_queue_seconds
+        self.throughput = throughput or Throughput()
+        self._pending: deque[tuple[_Request, int]] = deque()  # rows in arrival order
+        self._texts = 0  # texts admitted (or being tokenized) and not yet computed, the running round's included
+        self._tokens = 0  # tokens admitted and not yet computed, the running round's included
         self._wakeup: asyncio.Event | None = None
         self._worker: asyncio.Task | None = None
         # One thread runs the model (its own intra-op threads use the cores); another tokenizes,
@@ -106,7 +154,12 @@ class Batcher:
 
     @property
     def queued_texts(self) -> int:
-        return self._waiting
+        return self._texts
+
+    @property
+    def backlog_seconds(self) -> float:
+        """How long the work admitted so far should take at the measured rate."""
+        return self.throughput.seconds_for(self._tokens)
 
     async def tokenize(self, texts: list[str]) -> list[Tokenized]:
         if sum(map(len, texts)) <= INLINE_TOKENIZE_CHARS:  # cheaper than a hop to another thread
@@ -114,18 +167,40 @@ class Batcher:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._tokenize_pool, self.backend.tokenize, texts)
 
+    def _retry_after(self, seconds: float) -> int:
+        return max(1, math.ceil(seconds))
+
+    def _check_texts(self, count: int) -> None:
+        """MAX_QUEUED_TEXTS, before any work is spent on the request. An idle server takes any request."""
+        if self.max_queued_texts and self._texts and self._texts + count > self.max_queued_texts:
+            excess = (self._texts + count - self.max_queued_texts) / self._texts
+            raise Overloaded(f"{self._texts} texts are already queued or running (MAX_QUEUED_TEXTS is "
+                             f"{self.max_queued_texts}); try again shortly",
+                             self._retry_after(excess * self.backlog_seconds))
+
+    def _check_time(self, tokens: int) -> None:
+        """MAX_QUEUE_SECONDS: the work admitted before this request, and this request, done within the bound."""
+        if not self._tokens:
+            return
+        finish = self.throughput.seconds_for(self._tokens + tokens)
+        if finish > self.max_queue_seconds:
+            raise Overloaded(f"the server would take about {finish:.0f}s to answer (MAX_QUEUE_SECONDS is "
+                             f"{self.max_queue_seconds:g}); try again shortly",
+                             self._retry_after(finish - self.max_queue_seconds))
+
     async def embed(self, texts: list[str]) -> Embedded:
         if not texts:
             return Embedded(np.zeros((0, self.backend.dimension), dtype=np.float32), 0, 0)
-        # An empty queue takes any request (else one larger than the bound could never pass).
-        if self.max_queued_texts and self._waiting and self._waiting + len(texts) > self.max_queued_texts:
-            raise Overloaded(f"{self._waiting} texts are waiting; try again shortly")
-        self._waiting += len(texts)
+        self._check_texts(len(texts))
+        self._texts += len(texts)
         try:
             tokenized = await self.tokenize(texts)
+            tokens = sum(len(t.ids) for t in tokenized)
+            self._check_time(tokens)
         except BaseException:
-            self._waiting -= len(texts)
+            self._texts -= len(texts)
             raise
+        self._tokens += tokens
         self._ensure_worker()
         loop = asyncio.get_running_loop()
         request = _Request(
@@ -133,7 +208,9 @@ class Batcher:
             future=loop.create_future(),
             out=np.empty((len(texts), self.backend.dimension), dtype=np.float32),
             remaining=len(texts),
+            pending_tokens=tokens,
         )
+        request.future.add_done_callback(functools.partial(self._release, request))
         self._pending.extend((request, i) for i in range(len(texts)))
         self._wakeup.set()
         await request.future
@@ -142,41 +219,86 @@ class Batcher:
         observe_queue_wait(started - request.enqueued)
         return Embedded(
             embeddings=request.out,
-            tokens=sum(len(t.ids) for t in tokenized),
+            tokens=tokens,
             truncated=sum(t.truncated for t in tokenized),
             queue_seconds=started - request.enqueued,
             compute_seconds=request.compute_seconds,
         )
+
+    def _release(self, request: _Request, _: asyncio.Future) -> None:
+        """What a finished, failed or abandoned request had not computed no longer counts as admitted work."""
+        self._texts -= request.remaining
+        self._tokens -= request.pending_tokens
+        request.remaining = 0
+        request.pending_tokens = 0
 
     def _ensure_worker(self) -> None:
         if self._worker is None or self._worker.done():
             self._wakeup = asyncio.Event()
             self._worker = asyncio.get_running_loop().create_task(self._run(), name="batcher")
 
+    def _take_round(self) -> list[tuple[_Request, int]]:
+        """The oldest rows, up to the round's token budget (at least one row)."""
+        budget = min(ROUND_BATCHES * self.max_batch_tokens,
+                     self.throughput.tokens_per_second * self.max_queue_seconds * ROUND_SHARE_OF_BOUND)
+        round_: list[tuple[_Request, int]] = []
+        tokens = 0
+        now = time.perf_counter()
+        while self._pending:
+            req, i = self._pending[0]
+            if req.future.done():  # its client went away: its texts are not computed
+                self._pending.popleft()
+                continue
+            if req.started is None and now - req.enqueued > self.max_queue_seconds:
+                self._refuse_late(req, now)
+                continue
+            length = len(req.tokenized[i].ids)
+            if round_ and tokens + length > budget:
+                break
+            round_.append(self._pending.popleft())
+            tokens += length
+        return round_
+
+    def _refuse_late(self, request: _Request, now: float) -> None:
+        """The machine got slower than measured and the request's turn came after its bound: 429 now, not late."""
+        waited = now - request.enqueued
+        ahead = self.backlog_seconds - self.throughput.seconds_for(request.pending_tokens)
+        request.future.set_exception(Overloaded(
+            f"the server is slower than it estimated: the request waited {waited:.0f}s without starting "
+            f"(MAX_QUEUE_SECONDS is {self.max_queue_seconds:g}); try again shortly", self._retry_after(ahead)))
+        request.future.exception()  # the caller may have gone; the outcome is read here so asyncio does not warn
+        logger.warning("Refused a request after %.1fs in the queue: throughput fell below the estimate", waited)
+
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            await self._wakeup.wait()
-            self._wakeup.clear()
-            round_, self._pending = self._pending, []
-            self._waiting -= len(round_)
-            # A request whose client went away has a cancelled future: its texts are not computed.
-            round_ = [(req, i) for req, i in round_ if not req.future.done()]
-            if not round_:
+            if not self._pending:
+                self._wakeup.clear()
+                await self._wakeup.wait()
                 continue
-            lengths = [len(req.tokenized[i].ids) for req, i in round_]
-            plan = functools.partial(plan_batches, lengths, self.max_batch_tokens,
-                                     shapes=self.backend.shapes)
-            if len(lengths) <= INLINE_PLAN_TEXTS:
-                batches = plan()
-            else:
-                batches = await loop.run_in_executor(self._tokenize_pool, plan)
-            for batch in batches:
-                items = [round_[k] for k in batch if not round_[k][0].future.done()]
-                if items:
-                    await self._run_batch(loop, items)
+            round_ = self._take_round()
+            if round_:
+                await self._run_round(loop, round_)
 
-    async def _run_batch(self, loop: asyncio.AbstractEventLoop, items: list[tuple[_Request, int]]) -> None:
+    async def _run_round(self, loop: asyncio.AbstractEventLoop, round_: list[tuple[_Request, int]]) -> None:
+        started = time.perf_counter()
+        lengths = [len(req.tokenized[i].ids) for req, i in round_]
+        plan = functools.partial(plan_batches, lengths, self.max_batch_tokens, shapes=self.backend.shapes)
+        if len(lengths) <= INLINE_PLAN_TEXTS:
+            batches = plan()
+        else:
+            batches = await loop.run_in_executor(self._tokenize_pool, plan)
+        computed = 0
+        for batch in batches:
+            items = [round_[k] for k in batch if not round_[k][0].future.done()]
+            if items:
+                computed += await self._run_batch(loop, items)
+        # Wall time of the whole round, planning and the event loop's share of the cores included: the rate
+        # that admission divides by is the rate at which admitted work really drains.
+        self.throughput.observe(computed, time.perf_counter() - started)
+
+    async def _run_batch(self, loop: asyncio.AbstractEventLoop, items: list[tuple[_Request, int]]) -> int:
+        """Runs one micro-batch and answers every request whose last row it held; returns the tokens computed."""
         started = time.perf_counter()
         for req, _ in items:
             if req.started is None:
@@ -189,16 +311,23 @@ class Batcher:
             for req, _ in items:
                 if not req.future.done():
                     req.future.set_exception(exc)
-            return
+            return 0
         elapsed = time.perf_counter() - started
-        observe_batch(len(items), sum(len(row) for row in ids), elapsed)
+        tokens = sum(len(row) for row in ids)
+        observe_batch(len(items), tokens, elapsed)
         share = elapsed / len(items)
         for row, (req, i) in enumerate(items):
+            if req.future.done():  # abandoned while the batch ran: its count was given back already
+                continue
             req.out[i] = vectors[row]
             req.compute_seconds += share
             req.remaining -= 1
-            if req.remaining == 0 and not req.future.done():
+            req.pending_tokens -= len(ids[row])
+            self._texts -= 1
+            self._tokens -= len(ids[row])
+            if req.remaining == 0:
                 req.future.set_result(None)
+        return tokens
 
     def close(self) -> None:
         if self._worker is not None:

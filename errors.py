@@ -4,11 +4,13 @@ from __future__ import annotations
 import logging
 from http import HTTPStatus
 
+import grpc
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
-from kserve.errors import InvalidInput
+from kserve.errors import InvalidInput, ModelNotReady, ServerNotLive, ServerNotReady
+from kserve.protocol.grpc.interceptors import ExceptionToStatusInterceptor
 
 from batcher import Overloaded
 
@@ -33,7 +35,8 @@ class TooLarge(InvalidInput):
     status = HTTPStatus.REQUEST_ENTITY_TOO_LARGE
 
 
-RETRY_AFTER_SECONDS = 1
+RETRY_AFTER_SECONDS = 1  # the least Retry-After the server sends (the API docs' example)
+RETRY_AFTER_METADATA = "retry-after"  # gRPC trailing metadata of a RESOURCE_EXHAUSTED answer
 
 
 def error_body(message: str) -> dict[str, str]:
@@ -48,7 +51,7 @@ async def _overloaded(_: Request, exc: Overloaded) -> JSONResponse:
     return JSONResponse(
         status_code=HTTPStatus.TOO_MANY_REQUESTS,
         content=error_body(str(exc)),
-        headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
+        headers={"Retry-After": str(exc.retry_after)},
     )
 
 
@@ -72,3 +75,21 @@ def register_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(Overloaded, _overloaded)
     app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
+
+
+class GrpcErrorInterceptor(ExceptionToStatusInterceptor):
+    """KServe's mapping of exceptions to gRPC statuses, with overload as RESOURCE_EXHAUSTED, which clients retry.
+
+    KServe 0.21 answers INTERNAL for any exception it does not know, and UNKNOWN for ModelNotReady, ServerNotLive
+    and ServerNotReady (it reads a `reason` they do not have); it answers INVALID_ARGUMENT for InvalidInput (our
+    400, 413 and 422).
+    """
+
+    async def handle_exception(self, ex: Exception, request_or_iterator, context: grpc.aio.ServicerContext,
+                               method_name: str):
+        if isinstance(ex, Overloaded):
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(ex),
+                                trailing_metadata=((RETRY_AFTER_METADATA, str(ex.retry_after)),))
+        if isinstance(ex, (ModelNotReady, ServerNotLive, ServerNotReady)):
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(ex))
+        await super().handle_exception(ex, request_or_iterator, context, method_name)

@@ -63,7 +63,8 @@ class EmbeddingModel(Model):
         self.backend = create_backend(self.model_path, backend=self.backend_name, precision=self.precision,
                                       threads=self.threads, cache_dir=self.cache_dir)
         self.batcher = Batcher(self.backend, max_batch_tokens=self.max_batch_tokens,
-                               max_queued_texts=self.limits.max_queued_texts)
+                               max_queued_texts=self.limits.max_queued_texts,
+                               max_queue_seconds=self.limits.max_queue_seconds)
         logger.info("Loaded %s from %s with backend %s (%d dims, %d tokens max)", self.name, self.model_path,
                     self.backend.name, self.backend.dimension, self.backend.max_seq_length)
         self.ready = True

@@ -27,7 +27,7 @@ import logging
 import sys
 import time
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import ray
@@ -185,7 +185,9 @@ def replica_config(settings: Settings, ray_settings: RaySettings, **overrides: A
         precision=settings.precision,
         max_batch_tokens=settings.max_batch_tokens,
         threads=replica_threads(ray_settings.replica_cpus),
-        limits=asdict(settings.limits),
+        # A replica's wait bound is the front end's: Ray's router spreads requests over replicas and retries a dead
+        # one's, so a replica refuses (429) only work that could not be done before RAY_REQUEST_TIMEOUT (503).
+        limits=asdict(replace(settings.limits, max_queue_seconds=ray_settings.request_timeout)),
         cache_dir=settings.cache_dir,
     )
     return ReplicaConfig(**{**asdict(config), **overrides})

@@ -15,7 +15,7 @@ from kserve.protocol.rest.v2_endpoints import V2Endpoints
 from adapters import (BINARY, COMPUTE_TOKENS, OpenAIRequestError, legacy_response, openai_embedding_response,
                       openai_error_body, parse_json, parse_legacy, parse_openai_embedding, parse_v2_rest)
 from batcher import Overloaded
-from errors import RETRY_AFTER_SECONDS, BadRequest, TooLarge, Unprocessable
+from errors import BadRequest, TooLarge, Unprocessable
 from settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -100,7 +100,7 @@ def register_openai_routes(app: FastAPI, dataplane: DataPlane, model_name: str, 
             except (BadRequest, Unprocessable, TooLarge) as exc:
                 raise OpenAIRequestError(exc.reason, status=exc.status) from None
             except Overloaded as exc:
-                headers["Retry-After"] = str(RETRY_AFTER_SECONDS)
+                headers["Retry-After"] = str(exc.retry_after)
                 raise OpenAIRequestError(str(exc), status=429, type_="rate_limit_error") from None
         except OpenAIRequestError as exc:
             return ORJSONResponse(openai_error_body(exc), status_code=exc.status, headers=headers)

@@ -96,7 +96,11 @@ class Limits:
     max_body_bytes: int = 2_000_000  # TEI's payload limit
     max_texts: int = 2048  # per request; split into micro-batches internally
     max_chars: int = 100_000  # per text, checked before tokenising
-    max_queued_texts: int = 4096  # beyond this, 429 with Retry-After at once
+    max_queued_texts: int = 4096  # queued or running; beyond this, 429 with Retry-After at once
+    # The longest an accepted request should wait for its answer, estimated at arrival from the work admitted
+    # before it and the measured throughput; a request that would wait longer gets 429 with Retry-After at once.
+    # Well under the 30-60 s that load balancers and clients usually wait.
+    max_queue_seconds: float = 10.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Limits:
@@ -105,7 +109,39 @@ class Limits:
             max_texts=_int(env, "MAX_TEXTS_PER_REQUEST", cls.max_texts),
             max_chars=_int(env, "MAX_CHARS_PER_TEXT", cls.max_chars),
             max_queued_texts=_int(env, "MAX_QUEUED_TEXTS", cls.max_queued_texts),
+            max_queue_seconds=read_number(env, "MAX_QUEUE_SECONDS", cls.max_queue_seconds, 0.1, kind=float),
         )
+
+
+@dataclass(frozen=True)
+class Connections:
+    """What one HTTP connection may hold: slow or idle clients are closed, and their number is capped."""
+
+    header_timeout: float = 10.0  # from the first byte of a request (or the connection) to its last header
+    body_timeout: float = 30.0  # from the last header to the last byte of the body (2 MB at ~70 kB/s)
+    max_connections: int = 1000  # open HTTP connections; above, a new one gets 503 and is closed
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> Connections:
+        return cls(
+            header_timeout=read_number(env, "HEADER_TIMEOUT", cls.header_timeout, 0.1, kind=float),
+            body_timeout=read_number(env, "BODY_TIMEOUT", cls.body_timeout, 0.1, kind=float),
+            max_connections=_int(env, "MAX_CONNECTIONS", cls.max_connections),
+        )
+
+
+def read_admin_keys(env: Mapping[str, str], client_keys: tuple[str, ...]) -> tuple[str, ...]:
+    """ADMIN_API_KEY: turns on the model-repository extension, for this key only; never one of the client keys."""
+    key = env.get("ADMIN_API_KEY", "").strip()
+    if not key:
+        return ()
+    if key in client_keys:
+        raise SettingsError("ADMIN_API_KEY must differ from every client key (API_KEY, API_KEYS, API_KEY_FILE)")
+    return (key,)
+
+
+# Kubernetes and Render wait 30 s after SIGTERM before SIGKILL: finish in-flight work before that.
+DEFAULT_GRACE_PERIOD = 25
 
 
 @dataclass(frozen=True)
@@ -122,6 +158,8 @@ class Settings:
     cache_dir: str | None
     max_batch_tokens: int
     limits: Limits
+    connections: Connections
+    admin_api_keys: tuple[str, ...]
     grace_period: int
     log_level: str
     log_format: str
@@ -146,8 +184,9 @@ class Settings:
             cache_dir=read_cache_dir(env),
             max_batch_tokens=_int(env, "MAX_BATCH_TOKENS", DEFAULT_MAX_BATCH_TOKENS, minimum=256),
             limits=Limits.from_env(env),
-            # Kubernetes and Render wait 30 s after SIGTERM before SIGKILL: finish in-flight work before that.
-            grace_period=_int(env, "GRACE_PERIOD", 25),
+            connections=Connections.from_env(env),
+            admin_api_keys=read_admin_keys(env, keys),
+            grace_period=_int(env, "GRACE_PERIOD", DEFAULT_GRACE_PERIOD),
             log_level=env.get("LOG_LEVEL", "INFO").strip().upper() or "INFO",
             log_format=_choice(env, "LOG_FORMAT", "text", ("text", "json")),
         )
@@ -158,6 +197,7 @@ class Settings:
             f"http_port={self.http_port}, grpc_port={self.grpc_port}, model_path={self.model_path!r}, "
             f"model_name={self.model_name!r}, backend={self.backend!r}, precision={self.precision!r}, "
             f"cache_dir={self.cache_dir!r}, "
-            f"max_batch_tokens={self.max_batch_tokens}, limits={self.limits}, grace_period={self.grace_period}, "
+            f"max_batch_tokens={self.max_batch_tokens}, limits={self.limits}, connections={self.connections}, "
+            f"admin_api_keys=<{len(self.admin_api_keys)} hidden>, grace_period={self.grace_period}, "
             f"log_level={self.log_level!r}, log_format={self.log_format!r})"
         )

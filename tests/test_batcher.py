@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import pytest
 
 from backends import ShapeGrid, TorchBackend
-from batcher import Batcher, Overloaded, plan_batches
+from batcher import Batcher, Overloaded, Throughput, plan_batches
 from conftest import cosines
 
 
@@ -156,3 +157,169 @@ def test_empty_request_needs_no_model(backend):
             batcher.close()
 
     assert asyncio.run(run()).embeddings.shape == (0, 384)
+
+
+class GatedBackend(CountingBackend):
+    """The real backend, each batch held until the test lets it run: work stays in progress on demand."""
+
+    def __init__(self, backend):
+        super().__init__(backend)
+        self.gate = threading.Event()
+        self.entered = threading.Event()
+
+    def embed(self, batch):
+        self.entered.set()
+        self.gate.wait(timeout=60)
+        return super().embed(batch)
+
+
+async def wait_for(event: threading.Event) -> None:
+    while not event.is_set():
+        await asyncio.sleep(0.01)
+
+
+def test_texts_being_computed_count_against_the_queue_bound(backend):
+    """MAX_QUEUED_TEXTS counts the running round too, not only the texts no round has taken yet."""
+    gated = GatedBackend(backend)
+
+    async def run():
+        batcher = Batcher(gated, max_queued_texts=4)
+        try:
+            first = asyncio.ensure_future(batcher.embed(["a"] * 3))
+            await wait_for(gated.entered)  # the first request's round is running
+            with pytest.raises(Overloaded) as refused:
+                await batcher.embed(["b"] * 3)
+            gated.gate.set()
+            done = await first
+            after = await batcher.embed(["c"] * 3)  # its texts are done: they count no more
+            return refused.value, done, after
+        finally:
+            gated.gate.set()
+            batcher.close()
+
+    refused, done, after = asyncio.run(run())
+    assert refused.retry_after >= 1
+    assert done.embeddings.shape == after.embeddings.shape == (3, 384)
+
+
+def test_admission_bounds_the_estimated_wait_and_says_when_to_retry(backend):
+    """At 100 tokens/s and a 1 s bound, a request that would finish after 1 s of admitted work is refused."""
+    texts = ["word " * 18] * 3  # 20 tokens each with [CLS] and [SEP]: 60 tokens, 0.6 s at 100 tokens/s
+    assert sum(len(t.ids) for t in backend.tokenize(texts)) == 60
+
+    async def run():
+        batcher = Batcher(backend, max_queue_seconds=1.0, throughput=Throughput(initial=100.0))
+        try:
+            # In one tick: the first is admitted (an idle server takes anything), the second would end at 1.2 s.
+            return await asyncio.gather(batcher.embed(texts), batcher.embed(texts), return_exceptions=True)
+        finally:
+            batcher.close()
+
+    first, second = asyncio.run(run())
+    assert first.embeddings.shape == (3, 384)
+    assert isinstance(second, Overloaded) and "MAX_QUEUE_SECONDS" in str(second)
+    assert second.retry_after == 1  # ceil(1.2 s - 1 s)
+
+
+def test_a_request_is_answered_when_its_own_rows_are_done(backend):
+    """A short request queued before a large one is answered before the large one's rows are all done."""
+    gated = GatedBackend(backend)
+    small = ["short one", "short two"]
+    large = [f"{i} " + "a longer text about the weather and markets " * 6 for i in range(400)]
+    answered_after: dict[str, int] = {}
+
+    async def run():
+        batcher = Batcher(gated, max_batch_tokens=1024, max_queue_seconds=3600)  # no refusal here
+
+        async def embed(name, texts):
+            result = await batcher.embed(texts)
+            answered_after[name] = len(gated.batches)
+            return result
+
+        try:
+            blocker = asyncio.ensure_future(embed("blocker", ["the model is busy with this"]))
+            await wait_for(gated.entered)
+            first = asyncio.ensure_future(embed("small", small))
+            await asyncio.sleep(0)
+            second = asyncio.ensure_future(embed("large", large))
+            while len(batcher._pending) < len(small) + len(large):  # both queued behind the blocker
+                await asyncio.sleep(0.01)
+            gated.gate.set()
+            return await asyncio.gather(blocker, first, second)
+        finally:
+            gated.gate.set()
+            batcher.close()
+
+    results = asyncio.run(run())
+    assert [r.embeddings.shape[0] for r in results] == [1, 2, 400]
+    assert answered_after["small"] < answered_after["large"], answered_after
+
+
+def test_an_abandoned_request_gives_back_its_admitted_work(backend):
+    gated = GatedBackend(backend)
+
+    async def run():
+        batcher = Batcher(gated, max_batch_tokens=256)
+        try:
+            first = asyncio.ensure_future(batcher.embed(["first"]))
+            await wait_for(gated.entered)
+            abandoned = asyncio.ensure_future(batcher.embed(["word " * 50] * 20))
+            await asyncio.sleep(0)
+            queued = batcher.queued_texts
+            abandoned.cancel()
+            gated.gate.set()
+            await first
+            await asyncio.sleep(0.1)
+            return queued, batcher.queued_texts, batcher.backlog_seconds
+        finally:
+            gated.gate.set()
+            batcher.close()
+
+    queued, after, backlog = asyncio.run(run())
+    assert queued == 21 and after == 0 and backlog == 0
+
+
+def test_throughput_moves_towards_what_is_measured():
+    rate = Throughput(initial=500.0, horizon=5.0)
+    assert rate.seconds_for(1000) == pytest.approx(2.0)
+    rate.observe(tokens=0, seconds=0.0)  # nothing measured: nothing changes
+    assert rate.tokens_per_second == 500.0
+    rate.observe(tokens=1000, seconds=1.0)  # the first measurement replaces the guess
+    assert rate.tokens_per_second == pytest.approx(1000.0)
+    rate.observe(tokens=2000, seconds=1.0)  # later ones move it by their share of the horizon
+    assert 1000.0 < rate.tokens_per_second < 2000.0
+    for _ in range(50):
+        rate.observe(tokens=2000, seconds=1.0)
+    assert rate.tokens_per_second == pytest.approx(2000.0, rel=1e-3)
+    assert rate.seconds_for(4000) == pytest.approx(2.0, rel=1e-3)
+
+
+def test_overloaded_crosses_processes_with_its_retry_after():
+    import pickle
+
+    copy = pickle.loads(pickle.dumps(Overloaded("busy", retry_after=7)))
+    assert str(copy) == "busy" and copy.retry_after == 7
+
+
+def test_a_request_whose_turn_comes_after_its_bound_is_refused_then(backend):
+    """If the machine slows below the estimate, a queued request is refused at its turn rather than run late."""
+    gated = GatedBackend(backend)
+
+    async def run():
+        batcher = Batcher(gated, max_queue_seconds=0.2, throughput=Throughput(initial=1e9))
+        try:
+            first = asyncio.ensure_future(batcher.embed(["first"]))
+            await wait_for(gated.entered)
+            second = asyncio.ensure_future(batcher.embed(["second"]))  # admitted: the estimate says instantly
+            await asyncio.sleep(0.5)  # the first batch is stuck well past the second's bound
+            gated.gate.set()
+            outcomes = await asyncio.gather(first, second, return_exceptions=True)
+            return outcomes, batcher.queued_texts
+        finally:
+            gated.gate.set()
+            batcher.close()
+
+    (first, second), queued = asyncio.run(run())
+    assert first.embeddings.shape == (1, 384)
+    assert isinstance(second, Overloaded) and "MAX_QUEUE_SECONDS" in str(second) and second.retry_after >= 1
+    assert queued == 0

@@ -24,6 +24,7 @@ import yaml
 from dockerfile_parse import DockerfileParser
 
 from conftest import MODEL_NAME, ROOT, TEST_KEY, RunningServer, cosines, free_port, start_server
+from settings import DEFAULT_GRACE_PERIOD
 
 DOCKERFILE = ROOT / "Dockerfile"
 RENDER_YAML = ROOT / "render.yaml"
@@ -699,3 +700,10 @@ def test_resources_hold_the_server(container, image):
     idle_mb = resident_mb(image.server)
     assert idle_mb < request_mb <= limit_mb and limit_mb >= idle_mb + PEAK_GROWTH_MB
     assert float(parse_quantity(resources["requests"]["cpu"])) >= 1
+
+
+def test_kubernetes_waits_longer_than_the_server_takes_to_shut_down(isvc, container):
+    """SIGKILL comes terminationGracePeriodSeconds after SIGTERM: after the server's GRACE_PERIOD, with room for the kubelet and the endpoint updates."""
+    env = {item["name"]: item["value"] for item in container.get("env", []) if "value" in item}
+    grace_period = int(env.get("GRACE_PERIOD", DEFAULT_GRACE_PERIOD))
+    assert isvc["spec"]["predictor"].get("terminationGracePeriodSeconds", 30) >= grace_period + 10

@@ -1,0 +1,90 @@
+"""The server's wiring: the model-repository extension locked away, and health that follows the model."""
+from __future__ import annotations
+
+import grpc
+import pytest
+import requests
+from kserve.protocol.grpc import grpc_predict_v2_pb2 as pb
+from kserve.protocol.grpc import grpc_predict_v2_pb2_grpc as pb_grpc
+
+from conftest import MODEL_NAME, TEST_KEY, cosines, grpc_infer, start_server
+
+ADMIN_KEY = "admin-key-5d1e0b"
+REPOSITORY_ROUTES = [f"/v2/repository/models/{MODEL_NAME}/unload", f"/v2/repository/models/{MODEL_NAME}/load",
+                     "/v2/repository/index"]
+PROBES = ["/health", "/v2/health/ready", f"/v2/models/{MODEL_NAME}/ready", f"/v1/models/{MODEL_NAME}"]
+
+
+def grpc_call(server, method: str, request, key: str | None):
+    metadata = (("x-api-key", key),) if key else ()
+    with grpc.insecure_channel(server.grpc_target) as channel:
+        return getattr(pb_grpc.GRPCInferenceServiceStub(channel), method)(request, metadata=metadata, timeout=30)
+
+
+def grpc_code(server, method: str, request, key: str | None) -> grpc.StatusCode:
+    try:
+        grpc_call(server, method, request, key)
+    except grpc.RpcError as exc:
+        return exc.code()
+    return grpc.StatusCode.OK
+
+
+REPOSITORY_RPCS = [
+    ("RepositoryModelUnload", pb.RepositoryModelUnloadRequest(model_name=MODEL_NAME)),
+    ("RepositoryModelLoad", pb.RepositoryModelLoadRequest(model_name=MODEL_NAME)),
+]
+
+
+def test_the_repository_extension_is_off_by_default(server, reference):
+    """With the client key, nobody can unload the model: the routes are not there, the RPCs not implemented."""
+    for path in REPOSITORY_ROUTES:
+        response = requests.post(server.url + path, headers=server.headers(), timeout=30)
+        assert response.status_code == 404, (path, response.status_code, response.text)
+        assert "error" in response.json()
+    for method, request in REPOSITORY_RPCS:
+        assert grpc_code(server, method, request, TEST_KEY) == grpc.StatusCode.UNIMPLEMENTED, method
+    assert requests.get(server.url + "/health", timeout=10).status_code == 200
+    texts = ["still serving"]
+    answer = requests.post(f"{server.url}/v1/models/{MODEL_NAME}:predict", json={"instances": texts},
+                           headers=server.headers(), timeout=60)
+    assert cosines(answer.json()["predictions"], reference(texts)).min() >= 0.99999
+    reply = grpc_infer(server, texts, metadata=(("x-api-key", TEST_KEY),))
+    assert reply.outputs[0].name == "embedding"
+
+
+@pytest.fixture(scope="module")
+def admin_server(tmp_path_factory):
+    running = start_server(tmp_path_factory.mktemp("admin"), env={"BACKEND": "torch", "PRECISION": "fp32",
+                                                                  "ADMIN_API_KEY": ADMIN_KEY})
+    yield running
+    running.stop()
+
+
+def test_with_an_admin_key_the_repository_takes_that_key_only(admin_server):
+    unload = REPOSITORY_ROUTES[0]
+    assert requests.post(admin_server.url + unload, timeout=30).status_code == 401
+    for key in (TEST_KEY, "wrong"):
+        response = requests.post(admin_server.url + unload, headers={"X-Api-Key": key}, timeout=30)
+        assert response.status_code == 403 and response.json()["error"] == "Invalid API key"
+        assert grpc_code(admin_server, *REPOSITORY_RPCS[0], key) == grpc.StatusCode.PERMISSION_DENIED
+    assert grpc_code(admin_server, *REPOSITORY_RPCS[0], None) == grpc.StatusCode.UNAUTHENTICATED
+    assert requests.get(admin_server.url + "/health", timeout=10).status_code == 200
+
+
+def test_without_its_model_the_server_is_not_ready_and_not_live(admin_server):
+    """Unloaded (by the operator, or by anything else), the model is gone for good: the platform must restart."""
+    response = requests.post(admin_server.url + REPOSITORY_ROUTES[0], headers={"X-Api-Key": ADMIN_KEY}, timeout=30)
+    assert response.status_code == 200
+    for path in PROBES:
+        answer = requests.get(admin_server.url + path, timeout=10)
+        assert answer.status_code == 503, (path, answer.status_code, answer.text)
+    assert requests.get(admin_server.url + "/v2/health/live", timeout=10).status_code == 503
+    predict = requests.post(f"{admin_server.url}/v1/models/{MODEL_NAME}:predict", json={"instances": ["x"]},
+                            headers=admin_server.headers(), timeout=30)
+    assert predict.status_code == 503 and "error" in predict.json()
+    assert grpc_code(admin_server, "ServerLive", pb.ServerLiveRequest(), None) == grpc.StatusCode.UNAVAILABLE
+    assert not grpc_call(admin_server, "ServerReady", pb.ServerReadyRequest(), None).ready
+    assert not grpc_call(admin_server, "ModelReady", pb.ModelReadyRequest(name=MODEL_NAME), None).ready
+    with pytest.raises(grpc.RpcError) as failed:
+        grpc_infer(admin_server, ["x"], metadata=(("x-api-key", TEST_KEY),))
+    assert failed.value.code() == grpc.StatusCode.UNAVAILABLE
