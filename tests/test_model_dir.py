@@ -105,8 +105,6 @@ def test_a_train_script_nothing_names_is_not_code(tmp_path, model_path):
 
 @pytest.mark.parametrize("kind", sorted(REFUSED))
 def test_a_directory_that_is_not_a_plain_sentence_transformers_model_is_refused(tmp_path, model_path, kind):
-    if kind == "config-values-wrong":
-        pytest.skip("only loading finds it; see the server test")
     with pytest.raises(ModelDirError, match=REFUSED[kind]) as raised:
         check_model_dir(str(bad_directory(tmp_path, model_path, kind)))
     assert "\n" not in str(raised.value)
@@ -122,11 +120,12 @@ def test_the_models_own_code_is_refused_unless_allowed(variant_model):
 
 # --- the server -------------------------------------------------------------------------------------------------
 
-def start_and_expect_refusal(args: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+def start_and_expect_refusal(args: list[str], env: dict[str, str] | None = None,
+                             entry: str = "model.py") -> subprocess.CompletedProcess:
     full_env = {"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "API_KEY": TEST_KEY, "BACKEND": "torch",
                 "PORT": str(free_port()), "GRPC_PORT": str(free_port()), **(env or {})}
     try:
-        return subprocess.run([sys.executable, "model.py", *args], cwd=ROOT, env=full_env, capture_output=True,
+        return subprocess.run([sys.executable, entry, *args], cwd=ROOT, env=full_env, capture_output=True,
                               text=True, timeout=START_EXIT_TIMEOUT)
     except subprocess.TimeoutExpired:
         pytest.fail(f"the server did not exit within {START_EXIT_TIMEOUT}s: it accepted {args}")
@@ -149,6 +148,14 @@ def test_server_refuses_a_directory_that_is_not_a_sentence_transformers_model(tm
     result = start_and_expect_refusal([f"--model_dir={path}", "--model_name=other"])
     expected = REFUSED.get(kind, "could not be loaded")
     assert_one_line_refusal(result, str(path), expected)
+
+
+def test_ray_front_end_refuses_the_same_directories_before_starting_ray(tmp_path, variant_model):
+    missing = start_and_expect_refusal([f"--model_dir={tmp_path / 'absent'}"], entry="ray_serve.py")
+    assert_one_line_refusal(missing, "does not exist")
+    code = start_and_expect_refusal([f"--model_dir={variant_model('code')}"], entry="ray_serve.py")
+    assert_one_line_refusal(code, "flip.Flip", "TRUST_REMOTE_CODE")
+    assert "Ray instance" not in missing.stdout + code.stdout
 
 
 @pytest.mark.parametrize("kind", ["auto-map", "custom-activation"])

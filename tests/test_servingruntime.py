@@ -7,6 +7,7 @@ directory made read-only, by a process without the capabilities that let root ig
 from __future__ import annotations
 
 import copy
+import json
 import re
 import subprocess
 import sys
@@ -29,6 +30,7 @@ KINDS = {"ClusterServingRuntime": "V1alpha1ClusterServingRuntime", "ServingRunti
 SERVED_NAME = "other"
 MODEL_MOUNT = "/mnt/models"  # where KServe's storage initializer puts the model
 EXACT = 0.99999
+MAX_CHARS = 5000  # MAX_CHARS_PER_TEXT of the exact run: its 413 must not speak of the bundled model's 256 tokens
 
 
 def documents(path: Path) -> list[dict]:
@@ -91,6 +93,9 @@ def test_cluster_and_namespaced_runtimes_are_one_runtime(runtimes):
     assert cluster["metadata"]["name"] == namespaced["metadata"]["name"]
     assert "namespace" not in namespaced["metadata"], "kubectl apply -n chooses the namespace"
     assert cluster["spec"] == namespaced["spec"]
+    # The README installs one of them with kubectl apply -l install=cluster (or install=namespace).
+    assert (cluster["metadata"]["labels"]["install"], namespaced["metadata"]["labels"]["install"]) == (
+        "cluster", "namespace")
 
 
 def test_runtime_serves_sentence_transformers_on_v1_and_v2(runtime):
@@ -242,7 +247,7 @@ def start_as_runtime(tmp: Path, container: dict, kind: str, env: dict[str, str])
 def exact_run(tmp_path_factory, container) -> Iterator[RuntimeRun]:
     """A 128-dimension model with a Dense layer and a 128-token limit, on the exact path (torch fp32)."""
     run = start_as_runtime(tmp_path_factory.mktemp("runtime-exact"), container, "dense128",
-                           {"BACKEND": "torch", "PRECISION": "fp32"})
+                           {"BACKEND": "torch", "PRECISION": "fp32", "MAX_CHARS_PER_TEXT": str(MAX_CHARS)})
     yield run
     run.server.stop()
 
@@ -296,6 +301,9 @@ def test_metadata_limits_and_docs_follow_the_mounted_model(exact_run):
     assert cosines(long.json()["predictions"], exact_run.reference.encode(["many words " * 300])).min() >= EXACT
     docs = requests.get(f"{url}/openapi.json", timeout=30).json()
     assert "128" in docs["info"]["title"] + docs["info"].get("description", "") + str(docs["components"])
+    assert "all-MiniLM-L6-v2" not in json.dumps(docs), "an example names the bundled model, not the served one"
+    too_long = post(exact_run.server, f"/v1/models/{SERVED_NAME}:predict", {"instances": ["x" * (MAX_CHARS + 1)]})
+    assert too_long.status_code == 413 and "256" not in too_long.json()["error"], too_long.text
     assert requests.get(f"{url}/health", timeout=10).json()["model"] == SERVED_NAME
 
 
