@@ -84,7 +84,7 @@ def check_limits(texts: list[str], limits: Limits) -> list[str]:
     for index, text in enumerate(texts):
         if len(text) > limits.max_chars:
             raise TooLarge(f"Text {index} has {len(text)} characters; the limit is {limits.max_chars} "
-                           "(MAX_CHARS_PER_TEXT). Texts are cut at 256 tokens anyway: send the first part.")
+                           "(MAX_CHARS_PER_TEXT). Texts are cut at the model's token limit anyway: send the first part.")
     return texts
 
 

@@ -114,7 +114,7 @@ def _error(description: str, message: str, headers: dict | None = None) -> dict:
     return response
 
 
-def _responses() -> dict[str, dict]:
+def _responses(model_name: str) -> dict[str, dict]:
     openai_401 = {"error": {"message": MISSING_KEY_BODY["message"], "type": "invalid_request_error",
                             "param": None, "code": "missing_api_key"}}
     openai_401_wrong = {"error": {"message": INVALID_KEY_BODY["message"], "type": "invalid_request_error",
@@ -137,7 +137,7 @@ def _responses() -> dict[str, dict]:
                              headers={"Retry-After": {"description": "Seconds to wait before retrying",
                                                       "schema": {"type": "integer",
                                                                  "example": RETRY_AFTER_SECONDS}}}),
-        "Unavailable": _error("The model is not loaded yet", "Model with name all-MiniLM-L6-v2 is not ready."),
+        "Unavailable": _error("The model is not loaded yet", f"Model with name {model_name} is not ready."),
         "ModelNotFound": _error("No model of that name is served", "Model with name other does not exist."),
         "OpenAITooLarge": {"description": "The body, the number of texts or one text is above the server's limit",
                            "content": _json(_ref("schemas", "OpenAIError"), {"limit": ("Too many texts", {"error": {
@@ -307,7 +307,7 @@ def build_openapi(app: FastAPI, model_name: str, dimension: int) -> dict[str, An
     )
     components = document.setdefault("components", {})
     components.setdefault("schemas", {}).update(_schemas(model_name, dimension))
-    components.setdefault("responses", {}).update(_responses())
+    components.setdefault("responses", {}).update(_responses(model_name))
     if "HTTPValidationError" in components["schemas"]:  # FastAPI's own 422 for KServe's typed bodies
         components["responses"]["Unprocessable"]["content"]["application/json"]["schema"] = {
             "anyOf": [_ref("schemas", "Error"), _ref("schemas", "HTTPValidationError")]}

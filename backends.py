@@ -188,7 +188,8 @@ class TorchBackend:
 
     shapes = EXACT
 
-    def __init__(self, model_path: str, precision: str = "fp32", threads: int | None = None):
+    def __init__(self, model_path: str, precision: str = "fp32", threads: int | None = None,
+                 trust_remote_code: bool = False):
         import torch
         from sentence_transformers import SentenceTransformer
 
@@ -196,7 +197,7 @@ class TorchBackend:
             raise ValueError(f"precision must be one of {PRECISIONS}, not {precision!r}")
         torch.set_num_threads(threads or usable_cpus())
         self._torch = torch
-        self._model = SentenceTransformer(model_path, device="cpu")
+        self._model = SentenceTransformer(model_path, device="cpu", trust_remote_code=trust_remote_code)
         self._model.eval()
         self._bf16 = precision == "bf16"
         self.name = f"torch-{precision}"
@@ -488,12 +489,21 @@ def resolve(backend: str = "auto", precision: str = "auto", flags: set[str] | No
 
 
 def create_backend(model_path: str, backend: str = "auto", precision: str = "auto",
-                   cache_dir: str | os.PathLike[str] | None = None, threads: int | None = None) -> Backend:
+                   cache_dir: str | os.PathLike[str] | None = None, threads: int | None = None,
+                   trust_remote_code: bool = False) -> Backend:
     """The backend a setting names; ``auto`` picks the fastest that passes the fidelity gate on this CPU.
 
     With ``auto``, a missing optional runtime (openvino, onnxruntime) falls back to the next one and finally
-    to torch fp32; a backend named explicitly must load or this raises.
+    to torch fp32; a backend named explicitly must load or this raises. A model that runs its own code
+    (``trust_remote_code``) runs on torch: the exported graphs are traced from sentence-transformers' own modules.
     """
+    if trust_remote_code:
+        if backend not in ("auto", "torch"):
+            raise ValueError(f"the {backend} backend converts sentence-transformers' own modules only; "
+                             "run a model with its own code on BACKEND=torch")
+        chosen = resolve("torch", precision)
+        logger.info("backend torch: the model runs its own code")
+        return TorchBackend(model_path, precision=chosen[1], threads=threads, trust_remote_code=True)
     candidates = [resolve(backend, precision)]
     if backend == "auto":
         candidates += [pair for pair in (("onnx", "fp32"), ("torch", "fp32")) if pair not in candidates]

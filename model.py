@@ -24,6 +24,7 @@ from adapters import (INPUT_NAME, OUTPUT_NAME, check_limits, cost_headers, infer
                       texts_from_instances)
 from backends import create_backend
 from batcher import Batcher, Embedded
+from model_dir import ModelDirError, check_model_dir
 from observability import configure_logging
 from settings import DEFAULT_MAX_BATCH_TOKENS, Limits, Settings, SettingsError
 
@@ -47,9 +48,10 @@ class EmbedResult:
 class EmbeddingModel(Model):
     def __init__(self, name: str, model_path: str, backend: str = "auto", precision: str = "auto",
                  max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS, limits: Limits | None = None, threads: int | None = None,
-                 cache_dir: str | None = None):
+                 cache_dir: str | None = None, trust_remote_code: bool = False):
         super().__init__(name, return_response_headers=True)
         self.model_path = model_path
+        self.trust_remote_code = trust_remote_code  # the model's own Python code may run (model_dir.py decides)
         self.backend_name = backend
         self.precision = precision
         self.max_batch_tokens = max_batch_tokens
@@ -61,7 +63,8 @@ class EmbeddingModel(Model):
 
     def load(self) -> bool:
         self.backend = create_backend(self.model_path, backend=self.backend_name, precision=self.precision,
-                                      threads=self.threads, cache_dir=self.cache_dir)
+                                      threads=self.threads, cache_dir=self.cache_dir,
+                                      trust_remote_code=self.trust_remote_code)
         self.batcher = Batcher(self.backend, max_batch_tokens=self.max_batch_tokens,
                                max_queued_texts=self.limits.max_queued_texts,
                                max_queue_seconds=self.limits.max_queue_seconds)
@@ -110,8 +113,12 @@ def build_parser(settings: Settings) -> argparse.ArgumentParser:
     from kserve.model_server import parser as kserve_parser
 
     parser = argparse.ArgumentParser(parents=[kserve_parser], description=__doc__.splitlines()[0])
-    parser.add_argument("--model_path", default=settings.model_path,
+    # KServe passes --model_dir to a runtime; --model_path is this server's older name. Both set one value, and
+    # the last one on the command line wins, over MODEL_PATH.
+    parser.add_argument("--model_dir", "--model_path", dest="model_path", default=settings.model_path,
                         help="A sentence-transformers model directory (env MODEL_PATH)")
+    parser.add_argument("--trust_remote_code", action="store_true", default=settings.trust_remote_code,
+                        help="Let a model directory run its own Python code (env TRUST_REMOTE_CODE)")
     parser.add_argument("--backend", default=settings.backend, choices=("auto", "torch", "onnx", "openvino"))
     parser.add_argument("--precision", default=settings.precision, choices=("auto", "fp32", "bf16"))
     parser.set_defaults(http_port=settings.http_port, grpc_port=settings.grpc_port, model_name=settings.model_name,
@@ -125,6 +132,18 @@ def print_generated_key_banner(key: str) -> None:
     print(f"🔑 Generated API Key: {key}", flush=True)
 
 
+def load_or_exit(model: EmbeddingModel) -> None:
+    """Load, or exit with one line: what the loaders raise about a directory that passed check_model_dir (weights
+    that do not match the config, a config value of the wrong type) is the operator's to fix, not a traceback."""
+    try:
+        model.load()
+    except Exception as exc:  # noqa: BLE001 - any loader error ends the start with its own message
+        logger.debug("loading %s failed", model.model_path, exc_info=True)
+        reason = " ".join(str(exc).split())
+        sys.exit(f"Configuration error: the model in {model.model_path} could not be loaded: "
+                 f"{type(exc).__name__}: {reason}")
+
+
 def main(argv: list[str] | None = None) -> None:
     try:
         settings = Settings.from_env()
@@ -134,15 +153,19 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser(settings).parse_args(argv)
     if args.workers != 1:
         sys.exit("--workers must be 1: the batcher gathers all requests of one process; scale with replicas")
+    try:
+        model_dir = check_model_dir(args.model_path, trust_remote_code=args.trust_remote_code)
+    except ModelDirError as exc:
+        sys.exit(f"Configuration error: {exc}")
     if settings.api_key_generated:
         print_generated_key_banner(settings.api_keys[0])
 
     from server import create_server
 
-    model = EmbeddingModel(args.model_name, args.model_path, backend=args.backend, precision=args.precision,
+    model = EmbeddingModel(args.model_name, model_dir.path, backend=args.backend, precision=args.precision,
                            max_batch_tokens=settings.max_batch_tokens, limits=settings.limits,
-                           cache_dir=settings.cache_dir)
-    model.load()
+                           cache_dir=settings.cache_dir, trust_remote_code=model_dir.has_code)
+    load_or_exit(model)
     server: ModelServer = create_server(model, settings, args, dimension=model.backend.dimension)
     server.start([model])
 

@@ -41,6 +41,7 @@ from ray.serve.exceptions import (BackPressureError, DeploymentUnavailableError,
 from ray.serve.handle import DeploymentHandle
 
 from model import EmbeddingModel, build_parser, print_generated_key_banner
+from model_dir import ModelDirError, check_model_dir
 from settings import DEFAULT_MAX_BATCH_TOKENS, TRUE_WORDS, Limits, Settings, SettingsError, read_number
 
 logger = logging.getLogger(__name__)
@@ -110,6 +111,7 @@ class ReplicaConfig:
     threads: int = 1
     limits: dict[str, int] = field(default_factory=dict)  # settings.Limits fields; the rest keep defaults
     cache_dir: str | None = None
+    trust_remote_code: bool = False  # model_dir.check_model_dir allowed the model's own code
 
 
 def replica_threads(replica_cpus: float) -> int:
@@ -127,7 +129,7 @@ class EmbeddingDeployment:
         self.model = EmbeddingModel(replica.model_name, replica.model_path, backend=replica.backend,
                                     precision=replica.precision, max_batch_tokens=replica.max_batch_tokens,
                                     limits=Limits(**replica.limits), threads=replica.threads,
-                                    cache_dir=replica.cache_dir)
+                                    cache_dir=replica.cache_dir, trust_remote_code=replica.trust_remote_code)
         self.model.load()
         context = serve.get_replica_context()
         self.replica = f"{context.replica_id.unique_id}/{os.getpid()}"
@@ -316,6 +318,10 @@ def main(argv: list[str] | None = None) -> None:
         "target_ongoing_requests": args.target_ongoing_requests, "replica_cpus": args.replica_cpus,
         "num_cpus": args.ray_num_cpus, "attach": args.attach,
     })
+    try:
+        model_dir = None if ray_settings.attach else check_model_dir(args.model_path, args.trust_remote_code)
+    except ModelDirError as exc:
+        sys.exit(f"Configuration error: {exc}")
     if settings.api_key_generated:
         print_generated_key_banner(settings.api_keys[0])
 
@@ -335,8 +341,9 @@ def main(argv: list[str] | None = None) -> None:
         if ray_settings.attach:
             handle = wait_for_app(ray_settings.app_name, timeout=max(600.0, ray_settings.request_timeout))
         else:
-            config = replica_config(settings, ray_settings, model_name=args.model_name, model_path=args.model_path,
-                                    backend=args.backend, precision=args.precision)
+            config = replica_config(settings, ray_settings, model_name=args.model_name, model_path=model_dir.path,
+                                    backend=args.backend, precision=args.precision,
+                                    trust_remote_code=model_dir.has_code)
             app = application(config, ray_settings)
             # No Serve HTTP proxy: every request comes in through this process's KServe server.
             serve.start(proxy_location="Disabled")

@@ -153,6 +153,7 @@ class Settings:
     grpc_port: int
     model_path: str
     model_name: str
+    trust_remote_code: bool
     backend: str
     precision: str
     cache_dir: str | None
@@ -179,6 +180,7 @@ class Settings:
             grpc_port=_int(env, "GRPC_PORT", DEFAULT_GRPC_PORT),
             model_path=env.get("MODEL_PATH", "").strip() or default_model_path(),
             model_name=env.get("MODEL_NAME", "").strip() or DEFAULT_MODEL_NAME,
+            trust_remote_code=_flag(env, "TRUST_REMOTE_CODE", False),
             backend=_choice(env, "BACKEND", "auto", ("auto", "torch", "onnx", "openvino")),
             precision=_choice(env, "PRECISION", "auto", ("auto", "fp32", "bf16")),
             cache_dir=read_cache_dir(env),
@@ -195,7 +197,7 @@ class Settings:
         return (
             f"Settings(api_keys=<{len(self.api_keys)} hidden>, show_api_key_info={self.show_api_key_info}, "
             f"http_port={self.http_port}, grpc_port={self.grpc_port}, model_path={self.model_path!r}, "
-            f"model_name={self.model_name!r}, backend={self.backend!r}, precision={self.precision!r}, "
+            f"model_name={self.model_name!r}, trust_remote_code={self.trust_remote_code}, backend={self.backend!r}, precision={self.precision!r}, "
             f"cache_dir={self.cache_dir!r}, "
             f"max_batch_tokens={self.max_batch_tokens}, limits={self.limits}, connections={self.connections}, "
             f"admin_api_keys=<{len(self.admin_api_keys)} hidden>, grace_period={self.grace_period}, "

@@ -1,12 +1,13 @@
 """Fixtures that start the real server as a subprocess on free loopback ports and the reference model."""
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -112,6 +113,77 @@ def model_path() -> str:
     from settings import default_model_path
 
     return default_model_path()
+
+
+VARIANTS = ("cls", "dense128", "code")
+# Prefix of a command that runs as root without the capabilities that let root ignore file permissions: the
+# process meets a read-only directory as any other user would (root's Python lives under /root, which uid 10001
+# cannot read).
+NO_FILE_OVERRIDES = ["setpriv", "--bounding-set=-dac_override,-dac_read_search,-fowner",
+                     "--inh-caps=-dac_override,-dac_read_search,-fowner"]
+# The custom module of the "code" variant: a file in the model directory that modules.json names, so loading the
+# model imports and runs it (what trust_remote_code guards). It flips the sign of every embedding.
+CODE_MODULE = """
+from sentence_transformers.base.modules.normalize import Normalize
+
+
+class Flip(Normalize):
+    def forward(self, features):
+        features[self.module_output_name] = -features[self.module_input_name]
+        return features
+"""
+
+
+def make_variant_model(folder: Path, kind: str) -> Path:
+    """A sentence-transformers model directory built from the bundled one with sentence-transformers' own modules
+    and saved with .save(): fresh files, none linked to the installed package (so tests may chmod them).
+
+    cls: CLS pooling and no Normalize (vectors not of unit length).
+    dense128: mean pooling, a Dense layer to 128 dimensions (fixed seed), Normalize, and a 128-token limit.
+    code: the bundled model followed by a module of its own Python code (CODE_MODULE).
+    """
+    import torch
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.modules import Dense, Normalize, Pooling, Transformer
+
+    from settings import default_model_path
+
+    if kind not in VARIANTS:
+        raise ValueError(f"kind must be one of {VARIANTS}, not {kind!r}")
+    target = folder / f"{kind}-model"
+    if kind == "code":
+        SentenceTransformer(default_model_path(), device="cpu").save(str(target))
+        (target / "flip.py").write_text(CODE_MODULE)
+        modules = json.loads((target / "modules.json").read_text())
+        folder = f"{len(modules)}_Flip"
+        (target / folder).mkdir()
+        (target / folder / "config.json").write_text("{}")
+        modules.append({"idx": len(modules), "name": str(len(modules)), "path": folder, "type": "flip.Flip"})
+        (target / "modules.json").write_text(json.dumps(modules, indent=2))
+        return target
+    max_seq_length = 128 if kind == "dense128" else 256
+    transformer = Transformer(default_model_path(), max_seq_length=max_seq_length)
+    width = transformer.get_embedding_dimension()
+    if kind == "cls":
+        modules = [transformer, Pooling(width, pooling_mode="cls")]
+    else:
+        torch.manual_seed(15)
+        modules = [transformer, Pooling(width, pooling_mode="mean"), Dense(width, 128), Normalize()]
+    SentenceTransformer(modules=modules, device="cpu").save(str(target))
+    return target
+
+
+@pytest.fixture(scope="session")
+def variant_model(tmp_path_factory) -> Callable[[str], Path]:
+    """variant_model(kind): the make_variant_model directory of that kind, built once a session."""
+    built: dict[str, Path] = {}
+
+    def get(kind: str) -> Path:
+        if kind not in built:
+            built[kind] = make_variant_model(tmp_path_factory.mktemp(f"variant-{kind}"), kind)
+        return built[kind]
+
+    return get
 
 
 @pytest.fixture(scope="session")
