@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shlex
 import subprocess
 import threading
@@ -298,7 +299,9 @@ def test_the_render_plan_holds_the_largest_requests_the_limits_admit(default_ima
     peak = run("exec", container.name, "cat", "/sys/fs/cgroup/memory/memory.max_usage_in_bytes", check=False)
     if peak.returncode != 0:
         peak = run("exec", container.name, "cat", "/sys/fs/cgroup/memory.peak", check=False)
-    record_property("peak_mb_under_limit", round(int(peak.stdout.strip() or 0) / 2**20))
+    record_property("cgroup_peak_mb", round(int(peak.stdout.strip() or 0) / 2**20))
+    status = run("exec", container.name, "cat", "/proc/1/status").stdout
+    record_property("server_peak_rss_mb", round(int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1)) / 1024))
     record_property("statuses", dict(statuses))
     assert container.inspect("{{.State.Running}}") == "true", container.logs()[-3000:]
     assert container.inspect("{{.State.OOMKilled}}") == "false"
@@ -313,10 +316,13 @@ def test_the_render_plan_holds_the_largest_requests_the_limits_admit(default_ima
 RAY_SCRATCH = ["--tmpfs", "/home/app:U", "--shm-size", "1g"]  # U: owned by the image user, as fsGroup makes it
 
 
-def test_ray_serve_in_the_image_serves_the_same_vectors_from_two_replicas(ray_image, containers, reference):
+def test_ray_serve_in_the_image_serves_the_same_vectors_from_two_replicas(ray_image, containers, reference,
+                                                                         record_property):
     container = containers(ray_image, env={"RAY_MIN_REPLICAS": "2", "RAY_MAX_REPLICAS": "2", "RAY_NUM_CPUS": "2"},
                            extra=RAY_SCRATCH, command=["python", "ray_serve.py"])
     container.wait_healthy(timeout=420)
+    record_property("start_to_healthy_s", round(container.healthy_after, 1))
+    record_property("image_bytes", int(run("image", "inspect", "--format", "{{.Size}}", ray_image.tag).stdout))
     expected = reference(TEXTS)
 
     def ask(_: int) -> requests.Response:
