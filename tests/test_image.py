@@ -241,16 +241,11 @@ def render_service() -> dict:
 
 
 def largest_texts(count: int, chars: int) -> list[str]:
-    """Texts past the 256-token cut (every batch full), distinct so that nothing is shared between them."""
-    words = "the quick brown fox jumps over a lazy dog while seven wizards quietly judge boxing matches".split()
-    texts = []
-    for i in range(count):
-        text, k = f"{i}", i
-        while len(text) < chars:
-            text += " " + words[k % len(words)]
-            k = k * 7 + 3
-        texts.append(text[:chars])
-    return texts
+    """Distinct texts of ``chars`` characters made of one-token words, so that each is cut at 256 tokens and every
+    micro-batch is as wide as the model allows."""
+    letters = "abcdefghijklmnopqrstuvwxyz0123456789"
+    return [(f"{i} " + " ".join(letters[(i * 7 + k) % len(letters)] for k in range(chars)))[:chars]
+            for i in range(count)]
 
 
 def test_the_render_plan_holds_the_largest_requests_the_limits_admit(default_image, containers, scratch,
