@@ -6,7 +6,7 @@
 # deps installs the CPU build of torch and requirements.txt into a virtualenv; build copies the app and converts
 # the model for OpenVINO into $CACHE_DIR, so that a start needs no network and no conversion. The default target
 # carries only that virtualenv (with the bundled model), the converted model and the app. The ray target adds one
-# layer: what requirements-ray.txt installs on top (Ray Serve, ONNX Runtime) and the ONNX export.
+# layer: what requirements-ray.txt installs on top (Ray Serve, ONNX Runtime), and one more with the ONNX export.
 # Build arguments: PYTHON_IMAGE (the base image) and TORCH_FIND_LINKS (a folder of wheels, e.g. a mounted
 # /wheels, to take torch from instead of PyTorch's CPU index).
 ARG PYTHON_IMAGE=python:3.11-slim
