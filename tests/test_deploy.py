@@ -39,6 +39,7 @@ RENDER_PLAN_MB = {"free": 512, "starter": 512, "standard": 2048, "pro": 4096, "p
 RUNTIME_ENV = {"PATH", "VIRTUAL_ENV", "PYTHONDONTWRITEBYTECODE", "PYTHONUNBUFFERED", "PIP_NO_CACHE_DIR",
                "PIP_DISABLE_PIP_VERSION_CHECK", "HF_HUB_OFFLINE"}
 SECRET_ENV = {"API_KEY", "API_KEYS"}
+OPT_IN_MODULES = {"onnxruntime"}  # BACKEND=onnx only: in requirements-ray.txt, not in the default image
 BASE_IMAGE_ENV = {"LANG": "C.UTF-8"}  # set by python:3.11-slim itself
 
 
@@ -75,18 +76,41 @@ class Stage:
 
 
 def read_stages() -> list[Stage]:
+    """The Dockerfile's stages in order. A stage built FROM an earlier one starts with that stage's instructions
+    and ENV, as the builder sees it; its ``base`` stays the earlier stage's name."""
     parser = DockerfileParser(str(DOCKERFILE), env_replace=True)
     stages: list[Stage] = []
     bases = iter(parser.parent_images)
+    inherited: dict[str, str] = {}
     for item, context in zip(parser.structure, parser.context_structure):
         name, value = item["instruction"], item["value"]
         if name == "FROM":
             words = value.split()
             alias = words[2] if len(words) == 3 and words[1].upper() == "AS" else str(len(stages))
-            stages.append(Stage(alias, next(bases)))
+            stage = Stage(alias, next(bases))
+            parent = next((s for s in stages if s.name == stage.base), None)
+            if parent:
+                stage.instructions = list(parent.instructions)
+            inherited = dict(parent.env) if parent else {}
+            stages.append(stage)
         elif stages:
-            stages[-1].instructions.append(Instruction(name, value, dict(context.envs)))
+            stages[-1].instructions.append(Instruction(name, value, {**inherited, **dict(context.envs)}))
     return stages
+
+
+def lineage(stages: list[Stage], stage: Stage) -> list[Stage]:
+    """The stages an image is made from: its FROM chain and, recursively, what they COPY --from."""
+    by_name = {s.name: s for s in stages}
+    found: list[Stage] = []
+    todo = [stage]
+    while todo:
+        current = todo.pop()
+        if current in found:
+            continue
+        found.append(current)
+        sources = [current.base] + [flags_and_args(c.value)[0].get("from") for c in current.all("COPY")]
+        todo += [by_name[name] for name in sources if name in by_name]
+    return [s for s in stages if s in found]
 
 
 def exec_form(value: str) -> list[str]:
@@ -155,8 +179,10 @@ def requirement_pin(name: str) -> str:
 
 
 def pip_installs(stages: list[Stage]) -> list[list[str]]:
-    return [step for stage in stages for run in stage.all("RUN") for step in shell_steps(run.value)
-            if step[:2] == ["pip", "install"] or step[:4] == ["python", "-m", "pip", "install"]]
+    """Every `pip install` command of the stages' RUNs (both branches of an if included), each as argv."""
+    runs = {run.value: None for stage in stages for run in stage.all("RUN")}
+    return [shlex.split(command) for value in runs
+            for command in re.findall(r"(?:python -m )?pip install [^;&|]*", value)]
 
 
 def read_by_code(name: str) -> bool:
@@ -185,7 +211,8 @@ def test_hadolint_finds_nothing():
 
 def test_image_is_multi_stage_on_python_slim(stages, final):
     assert len(stages) >= 2
-    assert {stage.base for stage in stages} == {PYTHON_BASE}
+    names = {stage.name for stage in stages}
+    assert {stage.base for stage in stages if stage.base not in names} == {PYTHON_BASE}
     copied_from = {flags_and_args(c.value)[0].get("from") for c in final.all("COPY")}
     assert copied_from & {stage.name for stage in stages[:-1]}, "the final stage takes nothing from the build"
     assert not final.all("RUN") or all("pip" not in run.value for run in final.all("RUN")), \
@@ -198,17 +225,25 @@ def test_final_stage_runs_as_a_numeric_non_root_user(final):
 
 
 def test_torch_is_the_cpu_build_and_the_pinned_version(stages):
+    """PyTorch's CPU index by default; with the FIND_LINKS build argument, that folder and no index at all."""
     installs = pip_installs(stages)
     words = [w.lower() for step in installs for w in step]
     assert not [w for w in words if re.search(r"nvidia|cuda|/whl/cu\d|\+cu\d", w)], installs
     assert "--extra-index-url" not in words, "an extra index lets pip take the CUDA wheel from PyPI"
-    torch_steps = [i for i, step in enumerate(installs) if any(w.startswith("torch==") for w in step)]
-    assert len(torch_steps) == 1, installs
-    torch_step = installs[torch_steps[0]]
-    assert torch_step[torch_step.index("--index-url") + 1] == CPU_INDEX
-    assert f"torch=={requirement_pin('torch')}" in torch_step
-    requirements_step = next(i for i, step in enumerate(installs) if "-r" in step)
-    assert torch_steps[0] < requirements_step, "torch must be installed before requirements.txt pulls it from PyPI"
+    torch_steps = [step for step in installs if any(w.startswith("torch==") for w in step)]
+    assert len(torch_steps) == 2, installs
+    from_index, from_folder = sorted(torch_steps, key=lambda step: "--index-url" not in step)
+    assert from_index[from_index.index("--index-url") + 1] == CPU_INDEX
+    folder = from_folder[from_folder.index("--find-links") + 1]
+    assert "--no-index" in from_folder and re.fullmatch(r"\$\{?[A-Z_]*FIND_LINKS\}?", folder), from_folder
+    assert {f"torch=={requirement_pin('torch')}"} <= set(from_index) & set(from_folder)
+    (run,) = [r.value for stage in stages for r in stage.all("RUN") if "torch==" in r.value][:1]
+    branch = re.search(r'if \[ -n "(\$\{?\w+\}?)" \]; then', run)
+    assert branch and branch.group(1) == folder, "the folder is used only when the argument is set"
+    default = {re.sub(r"\s*=\s*", "=", a.value).strip() for s in stages for a in s.all("ARG")}
+    assert f"{folder.strip('${}')}=" in default, "empty by default: users get PyTorch's CPU index"
+    assert run.index("torch==") < run.index("-r /tmp/requirements.txt"), \
+        "torch must be installed before requirements.txt pulls it from PyPI"
 
 
 def test_ports_and_env_are_the_servers(final):
@@ -231,17 +266,28 @@ def test_cmd_is_the_server_and_healthcheck_reads_port(final):
 
 # --- the image's build context and start, run here -------------------------------------------------------
 
-def requirement_closure() -> set[str]:
-    """requirements.txt and everything its packages require, as installed here (canonical names)."""
+def requirement_lines(name: str) -> list[str]:
+    """The requirements of a requirements file, with the files it includes (-r)."""
+    lines = []
+    for line in (ROOT / name).read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if line.startswith("-r "):
+            lines += requirement_lines(line[3:].strip())
+        elif line and not line.startswith("-"):
+            lines.append(line)
+    return lines
+
+
+def requirement_closure(name: str = "requirements.txt") -> set[str]:
+    """A requirements file and everything its packages require, as installed here (canonical names)."""
     from importlib import metadata
 
     from packaging.requirements import Requirement
     from packaging.utils import canonicalize_name
 
     stack = []
-    for line in (ROOT / "requirements.txt").read_text().splitlines():
-        line = line.split("#")[0].strip()
-        if line and not line.startswith("-"):
+    for line in requirement_lines(name):
+        if line:
             requirement = Requirement(line)
             stack.append((canonicalize_name(requirement.name), frozenset(requirement.extras)))
     seen: set[str] = set()
@@ -322,23 +368,27 @@ def test_build_context_has_the_server(final):
     assert not [p for p in context if p.startswith(("tests/", ".git/", "bench/", "k8s/"))]
 
 
-def not_provided(modules: dict[str, str]) -> dict[str, str]:
-    """The modules (name -> who imports it) that no package of requirements.txt's closure provides."""
+def not_provided(modules: dict[str, str], requirements: str = "requirements.txt") -> dict[str, str]:
+    """The modules (name -> who imports it) that no package of the requirements file's closure provides."""
     from importlib import metadata
 
     from packaging.utils import canonicalize_name
 
     providers = metadata.packages_distributions()
-    closure = requirement_closure()
+    closure = requirement_closure(requirements)
     return {module: f"imported by {who}, provided by {providers.get(module)}" for module, who in modules.items()
             if not {canonicalize_name(d) for d in providers.get(module, [])} & closure}
 
 
 def test_requirements_provide_every_package_the_image_imports(stages, final):
-    """The image has only requirements.txt: what the CMD and the prebuild import must come from there."""
+    """The default image has only requirements.txt: what the CMD and the prebuild import must come from there,
+    except the runtimes of opt-in backends (BACKEND=onnx), which requirements-ray.txt (the ray target) adds."""
     entries = [final_cmd(final)[1]] + [argv[1] for argv, _ in prebuild_steps(stages)]
-    missing = not_provided(imported_packages(entries, build_context(ROOT)))
-    assert not missing, f"requirements.txt lacks: {missing}"
+    imports = imported_packages(entries, build_context(ROOT))
+    missing = not_provided(imports)
+    assert set(missing) <= OPT_IN_MODULES, f"requirements.txt lacks: {missing}"
+    assert not not_provided(imports, "requirements-ray.txt")
+    assert not not_provided(imported_packages(["ray_serve.py"], build_context(ROOT)), "requirements-ray.txt")
 
 
 @dataclass
@@ -394,10 +444,12 @@ def mapped_env(env: dict[str, str], paths: dict[str, Path]) -> dict[str, str]:
 
 
 def prebuild_steps(stages: list[Stage]) -> list[tuple[list[str], dict[str, str]]]:
-    """The build stage's `python <repo file>.py ...` commands, with the ENV they run under."""
+    """The `python <repo file>.py ...` commands the default image is built with, with the ENV they run under."""
     steps = []
-    for stage in stages:
+    for stage in lineage(stages, stages[-1]):
         for run in stage.all("RUN"):
+            if run in stages[-1].instructions:
+                continue  # the final stage's own (inherited) RUNs build nothing
             for step in shell_steps(run.value):
                 if step[0] == "python" and len(step) > 1 and step[1].endswith(".py"):
                     steps.append((step, run.env))
@@ -519,11 +571,15 @@ def test_render_env_is_what_settings_reads(render_service):
     assert settings.api_keys == ("generated-by-render",)
 
 
-def test_render_plan_holds_the_server(render_service, image):
-    plan_mb = RENDER_PLAN_MB[render_service["plan"]]
-    # The image's server has answered one request here. bench/peak_memory.py measured what the largest requests the
-    # limits admit add on top: 225 MB idle -> ~275 MB after a first request -> 429 MB peak (bf16), 457 MB (fp32).
-    assert plan_mb >= resident_mb(image.server) + PEAK_GROWTH_MB
+def test_render_plan_is_one_the_image_test_runs_under(render_service):
+    """tests/test_image.py runs the image under this plan's memory (--memory) through the largest requests the
+    limits admit; here only that the plan is one whose memory is known and that the queue is bounded."""
+    from settings import Limits, Settings
+
+    assert render_service["plan"] in RENDER_PLAN_MB
+    env = {item["key"]: item["value"] for item in render_service["envVars"] if "value" in item}
+    queued = Settings.from_env({**env, "API_KEY": "k"}).limits.max_queued_texts
+    assert 0 < queued <= Limits().max_queued_texts
 
 
 def test_render_health_path_is_public(render_service, image):
@@ -542,7 +598,7 @@ def test_dockerfile_healthcheck_path_is_public(final, image):
 def k8s_documents() -> list[dict]:
     docs = []
     for path in sorted(K8S_DIR.glob("*.y*ml")):
-        if path.name.startswith("ray"):
+        if path.name.startswith(("ray", "servingruntime", "inferenceservice-storageuri")):
             continue
         docs.extend(doc for doc in yaml.safe_load_all(path.read_text()) if doc)
     return docs

@@ -423,3 +423,28 @@ def test_front_service_keeps_the_single_process_ports(manifest, rayservice):
     assert head_ports[ports["http"]["targetPort"]] == int(env["PORT"])
     assert head_ports[ports["grpc"]["targetPort"]] == int(env["GRPC_PORT"])
     assert "python ray_serve.py --attach" in head["spec"]["containers"][0]["args"][0]
+
+
+def test_workers_have_a_readiness_probe_the_image_can_run(rayservice, serve_config):
+    """KubeRay's default worker probe runs wget, which the image lacks, and asks Serve's proxy, which has no route
+    to be healthy for here; ours asks the raylet with Python (tests/test_image.py runs it in the built image)."""
+    assert serve_config["applications"][0]["route_prefix"] is None
+    for group in rayservice["spec"]["rayClusterConfig"]["workerGroupSpecs"]:
+        (container,) = group["template"]["spec"]["containers"]
+        command = container["readinessProbe"]["exec"]["command"]
+        assert command[:2] == ["python", "-c"], command
+        assert "localhost:52365/api/local_raylet_healthz" in command[2] and ":8000" not in command[2]
+        compile(command[2], "readinessProbe", "exec")
+
+
+def test_the_object_store_fits_in_dev_shm(rayservice):
+    from kubernetes.utils import parse_quantity
+
+    cluster = rayservice["spec"]["rayClusterConfig"]
+    for group in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]:
+        spec = group["template"]["spec"]
+        (mount,) = [m for m in spec["containers"][0]["volumeMounts"] if m["mountPath"] == "/dev/shm"]
+        (volume,) = [v for v in spec["volumes"] if v["name"] == mount["name"]]
+        assert volume["emptyDir"]["medium"] == "Memory"
+        store = int(group["rayStartParams"]["object-store-memory"])
+        assert store <= parse_quantity(volume["emptyDir"]["sizeLimit"])
