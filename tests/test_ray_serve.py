@@ -425,6 +425,16 @@ def test_front_service_keeps_the_single_process_ports(manifest, rayservice):
     assert "python ray_serve.py --attach" in head["spec"]["containers"][0]["args"][0]
 
 
+def test_the_front_pod_outlives_the_servers_grace_period(rayservice):
+    """SIGKILL comes terminationGracePeriodSeconds after SIGTERM: the front end drains within GRACE_PERIOD first."""
+    from settings import DEFAULT_GRACE_PERIOD
+
+    head = rayservice["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]
+    env = {e["name"]: e.get("value") for e in head["spec"]["containers"][0]["env"]}
+    grace_period = int(env.get("GRACE_PERIOD", DEFAULT_GRACE_PERIOD))
+    assert head["spec"].get("terminationGracePeriodSeconds", 30) >= grace_period + 10
+
+
 def test_workers_have_a_readiness_probe_the_image_can_run(rayservice, serve_config):
     """KubeRay's default worker probe runs wget, which the image lacks, and asks Serve's proxy, which has no route
     to be healthy for here; ours asks the raylet with Python (tests/test_image.py runs it in the built image)."""
