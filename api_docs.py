@@ -42,6 +42,9 @@ COST_HEADER_DOCS = {
 _PATH_PARAM = re.compile(r"\{[^}]+\}")
 # KServe routes for features this server does not serve (model versions, explainers): left out of the document.
 UNSERVED = re.compile(r"/versions/|:explain$")
+OVERLOADED_DESCRIPTION = ("The work already admitted would not be done within MAX_QUEUE_SECONDS (or more than "
+                          "MAX_QUEUED_TEXTS texts are queued or running); retry after Retry-After seconds")
+OVERLOADED_EXAMPLE = "the server would take about 14s to answer (MAX_QUEUE_SECONDS is 10); try again shortly"
 EXAMPLE_VECTOR = [0.0123, -0.0456, 0.0789]  # the real ones have `dimension` numbers
 
 
@@ -132,8 +135,7 @@ def _responses(model_name: str) -> dict[str, dict]:
                                 "'instances[1]' must be a string, not int"),
         "TooLarge": _error("The body, the number of texts or one text is above the server's limit",
                            "Too many texts: 5000 > 2048"),
-        "Overloaded": _error("The server has more texts queued than it takes on; retry after Retry-After seconds",
-                             "40000 texts are waiting; try again shortly",
+        "Overloaded": _error(OVERLOADED_DESCRIPTION, OVERLOADED_EXAMPLE,
                              headers={"Retry-After": {"description": "Seconds to wait before retrying",
                                                       "schema": {"type": "integer",
                                                                  "example": RETRY_AFTER_SECONDS}}}),
@@ -143,12 +145,11 @@ def _responses(model_name: str) -> dict[str, dict]:
                            "content": _json(_ref("schemas", "OpenAIError"), {"limit": ("Too many texts", {"error": {
                                "message": "5000 texts in one request; the limit is 2048 (MAX_TEXTS_PER_REQUEST)",
                                "type": "invalid_request_error", "param": None, "code": None}})})},
-        "OpenAIOverloaded": {"description": "The server has more texts queued than it takes on; retry after "
-                                            "Retry-After seconds",
+        "OpenAIOverloaded": {"description": OVERLOADED_DESCRIPTION,
                              "headers": {"Retry-After": {"description": "Seconds to wait before retrying",
                                                          "schema": {"type": "integer"}}},
                              "content": _json(_ref("schemas", "OpenAIError"), {"busy": ("Overloaded", {"error": {
-                                 "message": "4096 texts are waiting; try again shortly", "type": "rate_limit_error",
+                                 "message": OVERLOADED_EXAMPLE, "type": "rate_limit_error",
                                  "param": None, "code": None}})})},
     }
 
