@@ -356,3 +356,57 @@ def test_the_kuberay_worker_readiness_probe_runs_in_the_image(ray_image, contain
             break
         time.sleep(3)
     assert result is not None and result.returncode == 0, result.stdout + result.stderr + container.logs()[-3000:]
+
+
+# --- the ServingRuntime: any model KServe's storage initializer puts in /mnt/models -------------------------------
+
+def runtime_container() -> dict:
+    (runtime, _) = [d for d in yaml.safe_load_all((ROOT / "k8s" / "servingruntime.yaml").read_text()) if d]
+    (container,) = runtime["spec"]["containers"]
+    return container
+
+
+def test_the_image_run_as_the_servingruntime_runs_it_serves_the_mounted_model(default_image, containers,
+                                                                              variant_model, record_property):
+    """k8s/servingruntime.yaml's command, args, env and scratch volumes, as its user on a read-only root, with a
+    model of another dimension mounted read-only at /mnt/models: converted at start into the scratch CACHE_DIR,
+    then served on V1, V2 and OpenAI, compared with sentence-transformers loading the same directory."""
+    from sentence_transformers import SentenceTransformer
+
+    spec = runtime_container()
+    name, mount, model_dir = "other", "/mnt/models", variant_model("dense128")
+    command = [*spec["command"], *(arg.replace("{{.Name}}", name) for arg in spec["args"])]
+    assert f"--model_dir={mount}" in command and f"--model_name={name}" in command
+    env = {item["name"]: item["value"] for item in spec["env"] if "value" in item}
+    http_port = next(arg.split("=")[1] for arg in spec["args"] if arg.startswith("--http_port="))
+    grpc_port = next(arg.split("=")[1] for arg in spec["args"] if arg.startswith("--grpc_port="))
+    # Each emptyDir the runtime mounts becomes a tmpfs owned by the image user (as fsGroup makes it); /tmp is one.
+    scratch = [arg for volume in spec["volumeMounts"] if volume["mountPath"] != "/tmp"
+               for arg in ("--tmpfs", f"{volume['mountPath']}:U")]
+    assert spec["securityContext"]["readOnlyRootFilesystem"] and spec["securityContext"]["runAsUser"] == 10001
+    container = containers(default_image, env={**env, "PORT": http_port, "GRPC_PORT": grpc_port},
+                           extra=[*scratch, "-v", f"{model_dir}:{mount}:ro"], command=command)
+    container.wait_healthy(path=f"/v2/models/{name}/ready", timeout=600)
+    record_property("start_to_healthy_with_conversion_s", round(container.healthy_after, 1))
+    assert "converting" in container.logs(), "the mounted model should be converted at start"
+    assert run("exec", container.name, "touch", f"{mount}/written", check=False).returncode != 0
+
+    expected = SentenceTransformer(str(model_dir), device="cpu").encode(TEXTS)
+    assert expected.shape == (len(TEXTS), 128)
+    headers = {"X-Api-Key": TEST_KEY}
+    v1 = requests.post(container.url + f"/v1/models/{name}:predict", json={"instances": TEXTS}, headers=headers,
+                       timeout=120)
+    v2 = requests.post(container.url + f"/v2/models/{name}/infer", headers=headers, timeout=120, json={
+        "inputs": [{"name": "text", "shape": [len(TEXTS)], "datatype": "BYTES", "data": TEXTS}]})
+    openai = requests.post(container.url + "/openai/v1/embeddings", json={"model": name, "input": TEXTS},
+                           headers=headers, timeout=120)
+    for response in (v1, v2, openai):
+        assert response.status_code == 200, response.text
+    (output,) = v2.json()["outputs"]
+    for route, vectors in {"v1": v1.json()["predictions"], "v2": np.reshape(output["data"], output["shape"]),
+                           "openai": [d["embedding"] for d in openai.json()["data"]]}.items():
+        assert np.shape(vectors) == (len(TEXTS), 128), route
+        # The converted graph (fp16-stored weights) is held to the fidelity gate of tests/test_backends.py.
+        assert cosines(vectors, expected).min() >= 0.9999, route
+    assert requests.post(container.url + f"/v1/models/{name}:predict", json={"instances": TEXTS},
+                         timeout=30).status_code == 401
