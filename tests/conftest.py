@@ -30,14 +30,11 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-@dataclass
-class RunningServer:
-    process: subprocess.Popen
+class LoopbackEndpoints:
+    """The addresses of a server (a process or a container) listening on loopback ports http_port and grpc_port."""
+
     http_port: int
     grpc_port: int
-    key: str | None
-    log_path: Path
-    env: dict = field(default_factory=dict)
 
     @property
     def url(self) -> str:
@@ -46,6 +43,30 @@ class RunningServer:
     @property
     def grpc_target(self) -> str:
         return f"127.0.0.1:{self.grpc_port}"
+
+
+def read_until_closed(sock: socket.socket, seconds: float) -> bytes:
+    """What the server sent before closing the connection; fails the test if it is still open after `seconds`."""
+    sock.settimeout(seconds)
+    received = b""
+    try:
+        while chunk := sock.recv(4096):
+            received += chunk
+    except TimeoutError:
+        pytest.fail(f"the connection is still open after {seconds}s")
+    except ConnectionResetError:
+        pass
+    return received
+
+
+@dataclass
+class RunningServer(LoopbackEndpoints):
+    process: subprocess.Popen
+    http_port: int
+    grpc_port: int
+    key: str | None
+    log_path: Path
+    env: dict = field(default_factory=dict)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")

@@ -13,7 +13,7 @@ import pytest
 import requests
 import uvicorn
 
-from conftest import free_port
+from conftest import free_port, read_until_closed
 from connection_guard import guarded_http_protocol
 from settings import Connections
 
@@ -67,15 +67,7 @@ def guarded() -> Iterator[int]:
 def seconds_until_closed(sock: socket.socket) -> tuple[float, bytes]:
     """Reads until the server closes the connection; returns how long that took and what it sent."""
     started = time.monotonic()
-    sock.settimeout(HEADER_TIMEOUT + BODY_TIMEOUT + SLACK)
-    received = b""
-    try:
-        while chunk := sock.recv(4096):
-            received += chunk
-    except TimeoutError:
-        pytest.fail(f"still open after {time.monotonic() - started:.1f}s")
-    except ConnectionResetError:
-        pass
+    received = read_until_closed(sock, HEADER_TIMEOUT + BODY_TIMEOUT + SLACK)
     return time.monotonic() - started, received
 
 

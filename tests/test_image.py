@@ -26,7 +26,7 @@ import requests
 import yaml
 
 import backends
-from conftest import MODEL_NAME, ROOT, TEST_KEY, cosines, free_port, grpc_infer
+from conftest import MODEL_NAME, ROOT, TEST_KEY, LoopbackEndpoints, cosines, free_port, grpc_infer
 from test_deploy import RENDER_PLAN_MB, build_context
 
 pytestmark = pytest.mark.image
@@ -103,20 +103,12 @@ def scratch(tmp_path_factory) -> Path:
 
 
 @dataclass
-class Container:
+class Container(LoopbackEndpoints):
     name: str
     http_port: int
     grpc_port: int
     started: float
     healthy_after: float | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.http_port}"
-
-    @property
-    def grpc_target(self) -> str:
-        return f"127.0.0.1:{self.grpc_port}"
 
     def inspect(self, template: str) -> str:
         return run("inspect", "--format", template, self.name).stdout.strip()

@@ -22,7 +22,7 @@ from adapters import (check_limits, parse_legacy, parse_openai_embedding, parse_
                       texts_from_infer_request, texts_from_instances)
 from adapters import OpenAIRequestError
 from errors import BadRequest, TooLarge, Unprocessable
-from conftest import MODEL_NAME, TEST_KEY, cosines, start_server
+from conftest import MODEL_NAME, TEST_KEY, cosines, read_until_closed, start_server
 
 SLACK_SECONDS = 15.0  # the machine is shared and noisy: bounds the issue sets are checked with this much slack
 from settings import Limits
@@ -215,24 +215,10 @@ def test_overload_answers_429_with_retry_after_at_once(hardened):
     assert requests.get(hardened.url + "/health", timeout=10).status_code == 200
 
 
-def closed_within(sock: socket.socket, seconds: float) -> bytes:
-    """What the server sent before closing the connection; fails if it is still open after `seconds`."""
-    sock.settimeout(seconds)
-    received = b""
-    try:
-        while chunk := sock.recv(4096):
-            received += chunk
-    except TimeoutError:
-        pytest.fail(f"the connection is still open after {seconds}s")
-    except ConnectionResetError:
-        pass
-    return received
-
-
 def test_a_slow_header_client_is_closed_within_the_header_timeout(hardened):
     with socket.create_connection(("127.0.0.1", hardened.http_port)) as sock:
         sock.sendall(b"POST /embedding HTTP/1.1\r\nHost: x\r\nX-Api-Key: ")
-        received = closed_within(sock, SLOW_TIMEOUT + SLACK_SECONDS)
+        received = read_until_closed(sock, SLOW_TIMEOUT + SLACK_SECONDS)
     assert received.startswith(b"HTTP/1.1 408 "), received
 
 
@@ -240,7 +226,7 @@ def test_a_half_sent_body_is_dropped_within_the_body_timeout(hardened):
     with socket.create_connection(("127.0.0.1", hardened.http_port)) as sock:
         sock.sendall(f"POST /embedding HTTP/1.1\r\nHost: x\r\nX-Api-Key: {TEST_KEY}\r\n"
                      "Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"a\": ".encode())
-        assert closed_within(sock, SLOW_TIMEOUT + SLACK_SECONDS) == b""
+        assert read_until_closed(sock, SLOW_TIMEOUT + SLACK_SECONDS) == b""
     assert requests.get(hardened.url + "/health", timeout=10).status_code == 200
 
 
