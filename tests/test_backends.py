@@ -24,6 +24,7 @@ sys.path.insert(0, str(ROOT))
 
 import backends  # noqa: E402
 import corpus  # noqa: E402
+from conftest import NO_FILE_OVERRIDES  # noqa: E402
 
 TEXT_COUNT = 200
 TOKEN_BUDGET = 8192
@@ -242,19 +243,16 @@ def test_padding_follows_the_shape_grid_so_openvino_sees_few_shapes() -> None:
 # --- the export cache across users and when broken -----------------------------------------------------------
 
 SERVER_UID = 10001  # the image's user
-# Runs as root, loads every runtime once from a cache root owns (the venv may sit in root's home, which the
-# server's user cannot enter), then becomes the image's user and loads from the cache under test. Anything it could
-# not read after the switch would show as the rebuild warning.
-LOAD_AS_USER = """
-import json, logging, os, sys
-root, model_path, warm_cache, cache, uid, texts = sys.argv[1:]
+BUILDER_UID = 10002  # who built the cache; the test's server is someone else
+# Loads every runtime from the cache under test, as root without the capabilities that bypass file permissions
+# (conftest.NO_FILE_OVERRIDES), so that it reads the cache, owned by another user, as any user would: through the
+# permission bits for others. (Switching to the image's uid is not possible here: the venv may sit in root's home,
+# which no other user can enter.) Anything it could not read would show as the rebuild warning.
+LOAD_AS_ANOTHER_USER = """
+import json, logging, sys
+root, model_path, cache, texts = sys.argv[1:]
 sys.path.insert(0, root)
 import backends
-for name in ("openvino", "onnx"):
-    backends.create_backend(model_path, name, "fp32", cache_dir=warm_cache).embed([[101, 102]])
-os.setgroups([])
-os.setgid(int(uid))
-os.setuid(int(uid))
 logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
 found = {}
 for name in ("openvino", "onnx"):
@@ -284,11 +282,12 @@ def test_a_cache_prebuilt_by_root_under_a_strict_umask_serves_another_user(model
         assert {name for name, mode in modes.items() if (cache / name).is_dir() and mode != 0o755} == set()
         assert {name for name, mode in modes.items() if (cache / name).is_file() and mode != 0o644} == set()
 
+        subprocess.run(["chown", "-R", f"{BUILDER_UID}:{BUILDER_UID}", str(cache)], check=True)
+        assert _modes(cache) == modes, "chown keeps the modes the build wrote"
         for folder in (home, tmp):
             folder.mkdir()
-            os.chown(folder, SERVER_UID, SERVER_UID)
-        result = subprocess.run([sys.executable, "-c", LOAD_AS_USER, str(ROOT), model_path, str(cache_dir),
-                                 str(cache), str(SERVER_UID), json.dumps(texts[:4])],
+        result = subprocess.run([*NO_FILE_OVERRIDES, sys.executable, "-c", LOAD_AS_ANOTHER_USER, str(ROOT),
+                                 model_path, str(cache), json.dumps(texts[:4])],
                                 capture_output=True, text=True, timeout=600,
                                 env={"PATH": os.environ.get("PATH", ""), "HOME": str(home), "TMPDIR": str(tmp),
                                      "HF_HUB_OFFLINE": "1"})

@@ -11,6 +11,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import threading
 import time
@@ -358,7 +359,7 @@ def runtime_container() -> dict:
     return container
 
 
-def test_the_image_run_as_the_servingruntime_runs_it_serves_the_mounted_model(default_image, containers,
+def test_the_image_run_as_the_servingruntime_runs_it_serves_the_mounted_model(default_image, containers, scratch,
                                                                               variant_model, record_property):
     """k8s/servingruntime.yaml's command, args, env and scratch volumes, as its user on a read-only root, with a
     model of another dimension mounted read-only at /mnt/models: converted at start into the scratch CACHE_DIR,
@@ -366,7 +367,10 @@ def test_the_image_run_as_the_servingruntime_runs_it_serves_the_mounted_model(de
     from sentence_transformers import SentenceTransformer
 
     spec = runtime_container()
-    name, mount, model_dir = "other", "/mnt/models", variant_model("dense128")
+    name, mount = "other", "/mnt/models"
+    # As KServe's storage initializer leaves it for the server's user: readable by all, written by none.
+    model_dir = shutil.copytree(variant_model("dense128"), scratch / "mounted-model")
+    subprocess.run(["chmod", "-R", "a+rX,a-w", str(model_dir)], check=True)
     command = [*spec["command"], *(arg.replace("{{.Name}}", name) for arg in spec["args"])]
     assert f"--model_dir={mount}" in command and f"--model_name={name}" in command
     env = {item["name"]: item["value"] for item in spec["env"] if "value" in item}
