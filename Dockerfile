@@ -3,7 +3,8 @@
 #        docker build --target ray -t minilm-embedding-server:ray .   (adds Ray Serve and BACKEND=onnx)
 # Run:   docker run -p 8080:8080 -e API_KEY=your-secret-key minilm-embedding-server
 #
-# deps installs the CPU build of torch and requirements.txt into a virtualenv; build copies the app and converts
+# deps installs the CPU build of torch and requirements.txt into a virtualenv; build copies the app, installs it
+# into that virtualenv as an editable project (so Ray's workers import it from /app wherever they start), converts
 # the model for OpenVINO into $CACHE_DIR, so that a start needs no network and no conversion. The default target
 # carries only that virtualenv (with the bundled model), the converted model and the app. The ray target adds one
 # layer: what requirements-ray.txt installs on top (Ray Serve, ONNX Runtime), and one more with the ONNX export.
@@ -61,8 +62,9 @@ ENV HF_HUB_OFFLINE=1 \
     CACHE_DIR=/opt/cache
 # Bytecode for the modules a start imports (the server and OpenVINO; not torch, which only the conversion and the
 # fallback backend load), so that starts on a read-only root do not compile them; the rest compiles in memory.
-RUN python backends.py --prebuild --backend openvino \
-    && python -c "import os, py_compile, sys, model, server, openvino; [py_compile.compile(f, doraise=True) for f in {getattr(m, '__file__', None) or '' for m in list(sys.modules.values())} if f.endswith('.py') and os.path.isfile(f)]" \
+RUN pip install --no-cache-dir --no-deps --no-build-isolation --editable /app \
+    && python -m embedding_server.engine.backends --prebuild --backend openvino \
+    && python -c "import os, py_compile, sys, model, embedding_server.server, openvino; [py_compile.compile(f, doraise=True) for f in {getattr(m, '__file__', None) or '' for m in list(sys.modules.values())} if f.endswith('.py') and os.path.isfile(f)]" \
     && python -m compileall -q /app
 
 FROM deps-ray AS build-ray
@@ -70,7 +72,7 @@ WORKDIR /app
 COPY . /app
 ENV HF_HUB_OFFLINE=1 \
     CACHE_DIR=/opt/cache
-RUN python backends.py --prebuild --backend onnx
+RUN python -m embedding_server.engine.backends --prebuild --backend onnx
 
 FROM ${PYTHON_IMAGE} AS server
 RUN groupadd --system --gid 10001 app \

@@ -20,13 +20,20 @@ from kserve import Model, ModelServer
 from kserve.errors import InvalidInput
 from kserve.protocol.infer_type import InferRequest, InferResponse
 
-from adapters import (INPUT_NAME, OUTPUT_NAME, check_limits, cost_headers, infer_response, texts_from_infer_request,
-                      texts_from_instances)
-from backends import create_backend
-from batcher import Batcher, Embedded
-from model_dir import ModelDirError, check_model_dir
-from observability import configure_logging
-from settings import DEFAULT_MAX_BATCH_TOKENS, Limits, Settings, SettingsError
+from embedding_server.engine.backends import create_backend
+from embedding_server.engine.batcher import Batcher, Embedded
+from embedding_server.engine.model_dir import ModelDirError, check_model_dir
+from embedding_server.operations.observability import configure_logging
+from embedding_server.operations.settings import DEFAULT_MAX_BATCH_TOKENS, Limits, Settings, SettingsError
+from embedding_server.protocols.adapters import (
+    INPUT_NAME,
+    OUTPUT_NAME,
+    check_limits,
+    cost_headers,
+    infer_response,
+    texts_from_infer_request,
+    texts_from_instances,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -160,7 +167,7 @@ def main(argv: list[str] | None = None) -> None:
     if settings.api_key_generated:
         print_generated_key_banner(settings.api_keys[0])
 
-    from server import create_server
+    from embedding_server.server import create_server
 
     model = EmbeddingModel(args.model_name, model_dir.path, backend=args.backend, precision=args.precision,
                            max_batch_tokens=settings.max_batch_tokens, limits=settings.limits,

@@ -36,17 +36,27 @@ from kserve.protocol.infer_type import InferRequest, to_http_parameters
 from kserve.ray import RayModel
 from ray import serve
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayTaskError
-from ray.serve.exceptions import (BackPressureError, DeploymentUnavailableError, RayServeException,
-                                  ReplicaUnavailableError)
+from ray.serve.exceptions import (
+    BackPressureError,
+    DeploymentUnavailableError,
+    RayServeException,
+    ReplicaUnavailableError,
+)
 from ray.serve.handle import DeploymentHandle
 
+from embedding_server.engine.model_dir import ModelDirError, check_model_dir
+from embedding_server.operations.settings import (
+    DEFAULT_MAX_BATCH_TOKENS,
+    TRUE_WORDS,
+    Limits,
+    Settings,
+    SettingsError,
+    read_number,
+)
 from model import EmbeddingModel, build_parser, print_generated_key_banner
-from model_dir import ModelDirError, check_model_dir
-from settings import DEFAULT_MAX_BATCH_TOKENS, TRUE_WORDS, Limits, Settings, SettingsError, read_number
 
 logger = logging.getLogger(__name__)
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_APP_NAME = "embedding"
 DEPLOYMENT_NAME = "EmbeddingDeployment"
 REPLICA_HEADER = "x-replica"
@@ -325,16 +335,14 @@ def main(argv: list[str] | None = None) -> None:
     if settings.api_key_generated:
         print_generated_key_banner(settings.api_keys[0])
 
-    # Replicas import model.py, settings.py ... from this directory.
-    runtime_env = {"env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))}}
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(runtime_env=runtime_env, log_to_driver=False)
+        ray.init(log_to_driver=False)
     elif ray_settings.attach:
         sys.exit("Configuration error: --attach needs RAY_ADDRESS (e.g. auto on a Ray node)")
     else:
         # "local": a new instance even when another one on this machine left its address in /tmp/ray.
         context = ray.init(address="local", num_cpus=ray_settings.num_cpus, include_dashboard=False,
-                           runtime_env=runtime_env, log_to_driver=False)
+                           log_to_driver=False)
         # Where another front end can attach (RAY_ADDRESS=... python ray_serve.py --attach) and `ray status` looks.
         print(f"Ray instance: {context.address_info['gcs_address']}", flush=True)
     try:
@@ -351,7 +359,7 @@ def main(argv: list[str] | None = None) -> None:
                         DEPLOYMENT_NAME)
             handle = serve.run(app, name=ray_settings.app_name, route_prefix=None)
 
-        from server import create_server
+        from embedding_server.server import create_server
 
         model = RayEmbeddingModel(args.model_name, handle, timeout=ray_settings.request_timeout,
                                   retries=ray_settings.retries)

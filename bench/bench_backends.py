@@ -14,16 +14,12 @@ import os
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-import backends  # noqa: E402
-import corpus  # noqa: E402
-from batcher import plan_batches  # noqa: E402
-from settings import DEFAULT_MAX_BATCH_TOKENS  # noqa: E402
+from embedding_server.engine import backends, corpus
+from embedding_server.engine.batcher import plan_batches
+from embedding_server.operations.settings import DEFAULT_MAX_BATCH_TOKENS
 
 logger = logging.getLogger(__name__)
 

@@ -83,9 +83,8 @@ def load_corpus() -> tuple[list[str], str]:
         if len(texts) >= 1000:
             random.Random(CORPUS_SEED).shuffle(texts)
             return texts, f"fortunes ({FORTUNES_DIR}, {len(texts)} entries)"
-    sys.path.insert(0, str(REPO_DIR))
     try:
-        import corpus
+        from embedding_server.engine import corpus
     except ImportError:
         raise SystemExit("no corpus: Debian's fortunes could not be installed and corpus.py is missing") from None
     logger.warning("FALLBACK corpus: fortunes unavailable, using corpus.load_texts (stdlib docstrings); "
@@ -495,9 +494,8 @@ def finish_py_spy(proc: subprocess.Popen, out: Path, top: int = 15) -> list[list
 
 def model_alone_main(texts_file: str, out_file: str, max_batch_tokens: int, in_flight: int) -> None:
     """Runs in a child process: the project's backend alone, no HTTP. Writes a JSON result."""
-    sys.path.insert(0, str(REPO_DIR))
-    import backends
-    from batcher import plan_batches
+    from embedding_server.engine import backends
+    from embedding_server.engine.batcher import plan_batches
 
     texts = json.loads(Path(texts_file).read_text(encoding="utf-8"))
     model_path = os.environ.get("MODEL_PATH", "").strip()
@@ -832,8 +830,7 @@ def main() -> None:
         if not args.no_model_alone:
             print("\n== model alone (in-process backend, no HTTP)", flush=True)
             wait_until_quiet(args.wait_quiet)
-            sys.path.insert(0, str(REPO_DIR))
-            from settings import DEFAULT_MAX_BATCH_TOKENS
+            from embedding_server.operations.settings import DEFAULT_MAX_BATCH_TOKENS
 
             rounds["model_alone"].append(model_alone(texts[: args.model_alone_texts], env,
                                                      int(env.get("MAX_BATCH_TOKENS", DEFAULT_MAX_BATCH_TOKENS)),

@@ -16,7 +16,6 @@ import pytest
 import requests
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 MODEL_NAME = "all-MiniLM-L6-v2"
@@ -131,7 +130,7 @@ def server(tmp_path_factory) -> Iterator[RunningServer]:
 
 @pytest.fixture(scope="session")
 def model_path() -> str:
-    from settings import default_model_path
+    from embedding_server.operations.settings import default_model_path
 
     return default_model_path()
 
@@ -167,7 +166,7 @@ def make_variant_model(folder: Path, kind: str) -> Path:
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.sentence_transformer.modules import Dense, Normalize, Pooling, Transformer
 
-    from settings import default_model_path
+    from embedding_server.operations.settings import default_model_path
 
     if kind not in VARIANTS:
         raise ValueError(f"kind must be one of {VARIANTS}, not {kind!r}")

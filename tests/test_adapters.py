@@ -9,9 +9,18 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from kserve.protocol.infer_type import InferInput, InferRequest
 
-from adapters import (embedding_string, infer_response, legacy_response, parse_json, parse_legacy, parse_v2_rest,
-                      split_bytes_tensor, texts_from_infer_request, texts_from_instances)
-from errors import BadRequest, Unprocessable
+from embedding_server.operations.errors import BadRequest, Unprocessable
+from embedding_server.protocols.adapters import (
+    embedding_string,
+    infer_response,
+    legacy_response,
+    parse_json,
+    parse_legacy,
+    parse_v2_rest,
+    split_bytes_tensor,
+    texts_from_infer_request,
+    texts_from_instances,
+)
 
 
 @pytest.mark.parametrize("body", [b"", b"   ", b"{", b"nope", b"\xff\xfe"])

@@ -13,8 +13,15 @@ import pytest
 import requests
 from starlette.responses import PlainTextResponse
 
-from auth_middleware import (INVALID_KEY_BODY, MISSING_KEY_BODY, OPENAI_PATH_PREFIXES, ApiKeyMiddleware, KeyChecker,
-                             is_public, presented_keys)
+from auth_middleware import (
+    INVALID_KEY_BODY,
+    MISSING_KEY_BODY,
+    OPENAI_PATH_PREFIXES,
+    ApiKeyMiddleware,
+    KeyChecker,
+    is_public,
+    presented_keys,
+)
 from conftest import MODEL_NAME, ROOT, TEST_KEY, grpc_infer
 
 KEYS = ("first-key", "second-key")
@@ -215,8 +222,8 @@ import json, sys
 from kserve.model_server import app
 from kserve.protocol.rest.server import RESTServer
 from model import EmbeddingModel, build_parser
-from server import create_server
-from settings import Settings
+from embedding_server.server import create_server
+from embedding_server.operations.settings import Settings
 
 settings = Settings.from_env({"API_KEY": "x"})
 args = build_parser(settings).parse_args([])

@@ -5,8 +5,8 @@ config rather than being fixed for MiniLM."""
 from __future__ import annotations
 
 import json
-import os
 import logging
+import os
 import shutil
 import stat
 import subprocess
@@ -17,14 +17,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+from conftest import NO_FILE_OVERRIDES
+from embedding_server.engine import backends, corpus
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-import backends  # noqa: E402
-import corpus  # noqa: E402
-from conftest import NO_FILE_OVERRIDES  # noqa: E402
 
 TEXT_COUNT = 200
 TOKEN_BUDGET = 8192
@@ -66,7 +62,7 @@ def cache_dir(tmp_path_factory: pytest.TempPathFactory, model_path: str) -> Path
     """Filled by the same command a Docker build runs, so the tests prove the prebuilt cache is what loads."""
     folder = tmp_path_factory.mktemp("embedding-cache")
     result = subprocess.run(
-        [sys.executable, str(ROOT / "backends.py"), "--prebuild", "--model-path", model_path, "--cache-dir", str(folder)],
+        [sys.executable, "-m", "embedding_server.engine.backends", "--prebuild", "--model-path", model_path, "--cache-dir", str(folder)],
         capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
     assert result.returncode == 0, result.stderr[-2000:]
@@ -204,9 +200,8 @@ def test_auto_picks_a_gated_pair_and_bf16_only_on_native_bf16_cpus() -> None:
 
 
 def test_every_backend_uses_the_usable_cpus_as_threads(built) -> None:
-    import torch
-
     import openvino as ov
+    import torch
 
     cpus = backends.usable_cpus()
     built("torch", "fp32")
@@ -250,9 +245,8 @@ BUILDER_UID = 10002  # who built the cache; the test's server is someone else
 # which no other user can enter.) Anything it could not read would show as the rebuild warning.
 LOAD_AS_ANOTHER_USER = """
 import json, logging, sys
-root, model_path, cache, texts = sys.argv[1:]
-sys.path.insert(0, root)
-import backends
+model_path, cache, texts = sys.argv[1:]
+from embedding_server.engine import backends
 logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
 found = {}
 for name in ("openvino", "onnx"):
@@ -274,7 +268,7 @@ def test_a_cache_prebuilt_by_root_under_a_strict_umask_serves_another_user(model
         top = Path(scratch)
         top.chmod(0o755)
         cache, home, tmp = top / "cache", top / "home", top / "tmp"
-        result = subprocess.run([sys.executable, str(ROOT / "backends.py"), "--prebuild", "--model-path", model_path,
+        result = subprocess.run([sys.executable, "-m", "embedding_server.engine.backends", "--prebuild", "--model-path", model_path,
                                  "--cache-dir", str(cache)], capture_output=True, text=True, timeout=900,
                                 env={**os.environ, "HF_HUB_OFFLINE": "1"}, umask=0o077)
         assert result.returncode == 0, result.stderr[-2000:]
@@ -286,7 +280,7 @@ def test_a_cache_prebuilt_by_root_under_a_strict_umask_serves_another_user(model
         assert _modes(cache) == modes, "chown keeps the modes the build wrote"
         for folder in (home, tmp):
             folder.mkdir()
-        result = subprocess.run([*NO_FILE_OVERRIDES, sys.executable, "-c", LOAD_AS_ANOTHER_USER, str(ROOT),
+        result = subprocess.run([*NO_FILE_OVERRIDES, sys.executable, "-c", LOAD_AS_ANOTHER_USER,
                                  model_path, str(cache), json.dumps(texts[:4])],
                                 capture_output=True, text=True, timeout=600,
                                 env={"PATH": os.environ.get("PATH", ""), "HOME": str(home), "TMPDIR": str(tmp),
@@ -329,11 +323,11 @@ def test_a_broken_cache_is_rebuilt_privately_with_one_warning(damage, model_path
     shutil.copytree(cache_dir / fingerprint / "openvino", copy / fingerprint / "openvino")
     damage(copy / fingerprint / "openvino")
     monkeypatch.setattr(backends, "user_cache_root", lambda: private_root)
-    with caplog.at_level(logging.WARNING, logger="backends"):
+    with caplog.at_level(logging.WARNING, logger=backends.logger.name):
         backend = backends.create_backend(model_path, "openvino", "fp32", cache_dir=copy)
     assert backend.name == "openvino-fp32"
     assert np.min(_cosines(_embed_all(backend, texts[:8]), reference[:8])) >= MIN_COSINE["fp32"]
-    warnings = [r.getMessage() for r in caplog.records if r.name == "backends" and r.levelno >= logging.WARNING]
+    warnings = [r.getMessage() for r in caplog.records if r.name == backends.logger.name and r.levelno >= logging.WARNING]
     assert len(warnings) == 1 and "unusable" in warnings[0] and str(private_root) in warnings[0], warnings
     assert (private_root / fingerprint / "openvino" / "model.xml").is_file()
 
@@ -346,7 +340,7 @@ def test_a_cache_that_cannot_be_rebuilt_either_falls_back_to_torch(model_path: s
     blocker.write_text("not a folder")
     # Neither the cache nor the private rebuild can be written (a file where a folder should be: root ignores modes).
     monkeypatch.setattr(backends, "user_cache_root", lambda: blocker / "embedding-server")
-    with caplog.at_level(logging.WARNING, logger="backends"):
+    with caplog.at_level(logging.WARNING, logger=backends.logger.name):
         backend = backends.create_backend(model_path, "auto", "auto", cache_dir=blocker / "cache")
     assert backend.name == "torch-fp32"
     assert np.min(_cosines(_embed_all(backend, texts[:8]), reference[:8])) >= MIN_COSINE["fp32"]

@@ -6,9 +6,9 @@ import threading
 
 import pytest
 
-from backends import ShapeGrid, TorchBackend
-from batcher import Batcher, Overloaded, Throughput, plan_batches
 from conftest import cosines
+from embedding_server.engine.backends import ShapeGrid, TorchBackend
+from embedding_server.engine.batcher import Batcher, Overloaded, Throughput, plan_batches
 
 
 def test_plan_batches_sorts_longest_first_within_the_budget():

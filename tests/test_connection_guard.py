@@ -14,8 +14,8 @@ import requests
 import uvicorn
 
 from conftest import free_port, read_until_closed
-from connection_guard import guarded_http_protocol
-from settings import Connections
+from embedding_server.operations.connection_guard import guarded_http_protocol
+from embedding_server.operations.settings import Connections
 
 HEADER_TIMEOUT = 1.5
 BODY_TIMEOUT = 1.5

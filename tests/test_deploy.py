@@ -24,7 +24,7 @@ import yaml
 from dockerfile_parse import DockerfileParser
 
 from conftest import MODEL_NAME, ROOT, TEST_KEY, RunningServer, cosines, free_port, start_server
-from settings import DEFAULT_GRACE_PERIOD
+from embedding_server.operations.settings import DEFAULT_GRACE_PERIOD
 
 DOCKERFILE = ROOT / "Dockerfile"
 RENDER_YAML = ROOT / "render.yaml"
@@ -187,7 +187,8 @@ def pip_installs(stages: list[Stage]) -> list[list[str]]:
 
 def read_by_code(name: str) -> bool:
     """Whether the server's own code reads this environment variable."""
-    sources = [ROOT / "settings.py", ROOT / "backends.py", ROOT / "model.py"]
+    sources = [ROOT / "embedding_server/operations/settings.py", ROOT / "embedding_server/engine/backends.py",
+               ROOT / "model.py"]
     return any(f'"{name}"' in path.read_text() for path in sources)
 
 
@@ -247,7 +248,7 @@ def test_torch_is_the_cpu_build_and_the_pinned_version(stages):
 
 
 def test_ports_and_env_are_the_servers(final):
-    from settings import DEFAULT_GRPC_PORT, DEFAULT_HTTP_PORT
+    from embedding_server.operations.settings import DEFAULT_GRPC_PORT, DEFAULT_HTTP_PORT
 
     exposed = {int(p.split("/")[0]) for e in final.all("EXPOSE") for p in e.value.split()}
     assert exposed == {DEFAULT_HTTP_PORT, DEFAULT_GRPC_PORT}
@@ -325,7 +326,7 @@ def imported_packages(entry_scripts: list[str], context: set[str]) -> dict[str, 
             if isinstance(node, ast.Import):
                 names = [alias.name for alias in node.names]
             elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-                names = [node.module]
+                names = [node.module, *(f"{node.module}.{alias.name}" for alias in node.names)]
             else:
                 continue
             for name in names:
@@ -364,7 +365,8 @@ def test_build_context_keeps_keys_and_tests_out(tmp_path):
 
 def test_build_context_has_the_server(final):
     context = build_context(ROOT)
-    assert {"model.py", "settings.py", "backends.py", "requirements.txt"} <= context
+    assert {"model.py", "embedding_server/operations/settings.py", "embedding_server/engine/backends.py",
+            "pyproject.toml", "requirements.txt"} <= context
     assert not [p for p in context if p.startswith(("tests/", ".git/", "bench/", "k8s/"))]
 
 
@@ -383,7 +385,7 @@ def not_provided(modules: dict[str, str], requirements: str = "requirements.txt"
 def test_requirements_provide_every_package_the_image_imports(stages, final):
     """The default image has only requirements.txt: what the CMD and the prebuild import must come from there,
     except the runtimes of opt-in backends (BACKEND=onnx), which requirements-ray.txt (the ray target) adds."""
-    entries = [final_cmd(final)[1]] + [argv[1] for argv, _ in prebuild_steps(stages)]
+    entries = [final_cmd(final)[1]] + [script_of(argv) for argv, _ in prebuild_steps(stages)]
     imports = imported_packages(entries, build_context(ROOT))
     missing = not_provided(imports)
     assert set(missing) <= OPT_IN_MODULES, f"requirements.txt lacks: {missing}"
@@ -406,7 +408,7 @@ IMPORT_TRACE = {"PYTHONPROFILEIMPORTTIME": "1"}
 
 
 def run_time_imports(log: str, who: str) -> dict[str, str]:
-    local = {Path(p).stem for p in build_context(ROOT) if p.endswith(".py")}
+    local = {Path(p).parts[0].removesuffix(".py") for p in build_context(ROOT) if p.endswith(".py")}
     names = {m.split(".")[0] for m in re.findall(r"^import time:\s+\d+ \|\s+\d+ \| (\S+)$", log, flags=re.M)}
     return {name: who for name in names
             if name not in sys.stdlib_module_names and name not in local and not name.startswith("_")}
@@ -443,6 +445,14 @@ def mapped_env(env: dict[str, str], paths: dict[str, Path]) -> dict[str, str]:
     return out
 
 
+LOCAL_PACKAGES = {"embedding_server"}
+
+
+def script_of(argv: list[str]) -> str:
+    """The repository file a `python <file>.py ...` or `python -m <module> ...` command runs."""
+    return argv[2].replace(".", "/") + ".py" if argv[1] == "-m" else argv[1]
+
+
 def prebuild_steps(stages: list[Stage]) -> list[tuple[list[str], dict[str, str]]]:
     """The `python <repo file>.py ...` commands the default image is built with, with the ENV they run under."""
     steps = []
@@ -452,6 +462,8 @@ def prebuild_steps(stages: list[Stage]) -> list[tuple[list[str], dict[str, str]]
                 continue  # the final stage's own (inherited) RUNs build nothing
             for step in shell_steps(run.value):
                 if step[0] == "python" and len(step) > 1 and step[1].endswith(".py"):
+                    steps.append((step, run.env))
+                elif step[:2] == ["python", "-m"] and step[2].split(".")[0] in LOCAL_PACKAGES:
                     steps.append((step, run.env))
     return steps
 
@@ -557,7 +569,7 @@ def test_render_builds_this_dockerfile_and_runs_its_cmd(render_service):
 
 
 def test_render_env_is_what_settings_reads(render_service):
-    from settings import Settings
+    from embedding_server.operations.settings import Settings
 
     env = {item["key"]: item for item in render_service["envVars"]}
     assert set(env) == {"API_KEY", "SHOW_API_KEY_INFO", "PORT", "MAX_QUEUED_TEXTS"}
@@ -574,7 +586,7 @@ def test_render_env_is_what_settings_reads(render_service):
 def test_render_plan_is_one_the_image_test_runs_under(render_service):
     """tests/test_image.py runs the image under this plan's memory (--memory) through the largest requests the
     limits admit; here only that the plan is one whose memory is known and that the queue is bounded."""
-    from settings import Limits, Settings
+    from embedding_server.operations.settings import Limits, Settings
 
     assert render_service["plan"] in RENDER_PLAN_MB
     env = {item["key"]: item["value"] for item in render_service["envVars"] if "value" in item}
@@ -671,7 +683,7 @@ def test_container_runs_the_image_cmd(container, final):
 
 
 def test_ports_match_the_server_and_kserve_conventions(container, final):
-    from settings import DEFAULT_GRPC_PORT, DEFAULT_HTTP_PORT
+    from embedding_server.operations.settings import DEFAULT_GRPC_PORT, DEFAULT_HTTP_PORT
 
     ports = container["ports"]
     assert all(re.fullmatch(r"[a-z0-9]([a-z0-9-]{0,13}[a-z0-9])?", p["name"]) for p in ports)
@@ -686,7 +698,7 @@ def test_ports_match_the_server_and_kserve_conventions(container, final):
 
 
 def test_env_is_what_settings_reads_and_the_key_is_a_secret(container):
-    from settings import DEFAULT_MODEL_NAME, Settings
+    from embedding_server.operations.settings import DEFAULT_MODEL_NAME, Settings
 
     literal = {e["name"]: e["value"] for e in container["env"] if "value" in e}
     assert all(isinstance(value, str) for value in literal.values())
@@ -763,3 +775,12 @@ def test_kubernetes_waits_longer_than_the_server_takes_to_shut_down(isvc, contai
     env = {item["name"]: item["value"] for item in container.get("env", []) if "value" in item}
     grace_period = int(env.get("GRACE_PERIOD", DEFAULT_GRACE_PERIOD))
     assert isvc["spec"]["predictor"].get("terminationGracePeriodSeconds", 30) >= grace_period + 10
+
+
+def test_the_readme_layout_table_names_every_module_and_only_those():
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("\n## Layout\n", 1)[1].split("\n## ", 1)[0]
+    listed = set(re.findall(r"^\| `([^`]+\.py)` \|", section, flags=re.M))
+    modules = {p.relative_to(ROOT).as_posix() for p in [*ROOT.glob("*.py"), *ROOT.glob("embedding_server/**/*.py")]
+               if p.name != "__init__.py"}
+    assert listed == modules, f"missing from the table: {modules - listed}; not in the tree: {listed - modules}"

@@ -21,9 +21,8 @@ import numpy as np
 import pytest
 import requests
 
-from conftest import MODEL_NAME, ROOT, TEST_KEY, cosines, free_port
-
 import embed_client as ec
+from conftest import MODEL_NAME, ROOT, TEST_KEY, cosines, free_port
 
 EXACT = 0.99999
 CLIENT = [sys.executable, str(ROOT / "embed_client.py")]
@@ -323,7 +322,7 @@ def proxy(server) -> Iterator[CountingProxy]:
 @pytest.fixture(scope="module")
 def corpus_lines() -> list[str]:
     """A few thousand distinct one-line English texts (stdlib docstrings, the model's README), plus edge cases."""
-    from corpus import load_texts
+    from embedding_server.engine.corpus import load_texts
 
     lines = [t for t in load_texts(4000) if len(t) <= 400][:N_LINES - len(EDGE_TEXTS)]
     for i, edge in enumerate(EDGE_TEXTS):

@@ -8,10 +8,9 @@ and each failure is reported once per operation and check, with the curl command
 """
 from __future__ import annotations
 
+import json
 from collections import Counter
 from urllib.parse import unquote, urlsplit
-
-import json
 
 import numpy as np
 import pytest
@@ -22,10 +21,10 @@ from hypothesis import strategies as st
 from schemathesis import checks
 from schemathesis.core.failures import Failure
 from schemathesis.engine import Status, events, from_schema
+from test_limits import json_values, tensor_documents
 
 from auth_middleware import is_public
 from conftest import MODEL_NAME, RunningServer, cosines, start_server
-from test_limits import json_values, tensor_documents
 
 KEY = "fuzz-key-5d81"
 # Small limits: the fuzzer reaches 413 quickly, and a valid request embeds at most a few short texts.

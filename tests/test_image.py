@@ -25,10 +25,10 @@ import numpy as np
 import pytest
 import requests
 import yaml
-
-import backends
-from conftest import MODEL_NAME, ROOT, TEST_KEY, LoopbackEndpoints, cosines, free_port, grpc_infer
 from test_deploy import RENDER_PLAN_MB, build_context
+
+from conftest import MODEL_NAME, ROOT, TEST_KEY, LoopbackEndpoints, cosines, free_port, grpc_infer
+from embedding_server.engine import backends
 
 pytestmark = pytest.mark.image
 
@@ -245,7 +245,7 @@ def test_the_render_plan_holds_the_largest_requests_the_limits_admit(default_ima
                                                                     record_property):
     """The image under render.yaml's env and plan memory, driven by concurrent requests of MAX_TEXTS_PER_REQUEST
     texts just under MAX_BODY_BYTES on the legacy route and V1: no OOM kill, no restart, no 5xx."""
-    from settings import Limits
+    from embedding_server.operations.settings import Limits
 
     service = render_service()
     plan_mb = RENDER_PLAN_MB[service["plan"]]

@@ -10,22 +10,28 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import pytest
 import requests
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-import numpy as np
 from kserve.protocol.infer_type import InferInput, InferRequest
 
-from adapters import (check_limits, parse_legacy, parse_openai_embedding, parse_v2_rest, split_bytes_tensor,
-                      texts_from_infer_request, texts_from_instances)
-from adapters import OpenAIRequestError
-from errors import BadRequest, TooLarge, Unprocessable
 from conftest import MODEL_NAME, TEST_KEY, cosines, read_until_closed, start_server
+from embedding_server.operations.errors import BadRequest, TooLarge, Unprocessable
+from embedding_server.operations.settings import Limits
+from embedding_server.protocols.adapters import (
+    OpenAIRequestError,
+    check_limits,
+    parse_legacy,
+    parse_openai_embedding,
+    parse_v2_rest,
+    split_bytes_tensor,
+    texts_from_infer_request,
+    texts_from_instances,
+)
 
 SLACK_SECONDS = 15.0  # the machine is shared and noisy: bounds the issue sets are checked with this much slack
-from settings import Limits
 
 V1 = f"/v1/models/{MODEL_NAME}:predict"
 EMBEDDING_ROUTES = ["/embedding", V1, "/openai/v1/embeddings"]
@@ -509,7 +515,7 @@ def test_sigterm_drains_http_and_grpc_then_exits_0_within_the_grace_period(tmp_p
     assert returncode == 0
     assert exit_seconds <= SHUTDOWN_GRACE + 5, "the whole shutdown fits in GRACE_PERIOD (and a little slack)"
     served = {"http": {"200", "429"}, "grpc": {"OK", "RESOURCE_EXHAUSTED"}}
-    for protocol, started, ended, outcome in calls:
+    for protocol, started, _ended, outcome in calls:
         if started < stop_at[0] - 1:  # sent well before SIGTERM: accepted, so it is answered
             assert outcome.split()[0] in served[protocol], (protocol, outcome, started - stop_at[0])
         else:  # sent around or after SIGTERM: answered, or refused before it was accepted (gRPC cancels a call

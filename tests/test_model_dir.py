@@ -10,7 +10,7 @@ import pytest
 import requests
 
 from conftest import ROOT, TEST_KEY, cosines, free_port, start_server
-from model_dir import ModelDirError, check_model_dir
+from embedding_server.engine.model_dir import ModelDirError, check_model_dir
 
 START_EXIT_TIMEOUT = 180  # a refused directory exits within seconds; an accepted one would start serving instead
 
@@ -192,8 +192,8 @@ def test_trust_remote_code_runs_the_models_own_module(tmp_path, variant_model, r
 
 
 def test_flag_and_variable_name_one_model_directory_and_the_last_flag_wins():
+    from embedding_server.operations.settings import Settings
     from model import build_parser
-    from settings import Settings
 
     settings = Settings.from_env({"MODEL_PATH": "/from/env", "API_KEY": "k"})
     parser = build_parser(settings)

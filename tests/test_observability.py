@@ -18,11 +18,18 @@ from fastapi.responses import JSONResponse
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
-import observability
 from auth_middleware import ApiKeyMiddleware
 from conftest import start_server
-from observability import (ACCESS_LOGGER_NAME, JsonFormatter, ObservabilityMiddleware, TEXT_FORMAT,
-                           configure_logging, observe_batch, observe_queue_wait)
+from embedding_server.operations import observability
+from embedding_server.operations.observability import (
+    ACCESS_LOGGER_NAME,
+    TEXT_FORMAT,
+    JsonFormatter,
+    ObservabilityMiddleware,
+    configure_logging,
+    observe_batch,
+    observe_queue_wait,
+)
 
 KEY = "unit-key-5d1e"
 SECRETS = ("secret-body-text-91", "secret-query-value-92", KEY, "wrong-key-93")

@@ -24,8 +24,8 @@ import yaml
 
 pytest.importorskip("ray.serve", reason="ray[serve] is not installed (requirements.txt pins it)")
 
-from ray import serve  # noqa: E402
 from kserve.protocol.infer_type import InferResponse  # noqa: E402
+from ray import serve  # noqa: E402
 
 from conftest import MODEL_NAME, ROOT, TEST_KEY, cosines, grpc_infer, start_server  # noqa: E402
 
@@ -311,8 +311,8 @@ def test_ray_settings_come_from_the_environment():
 
 @pytest.mark.parametrize("env", [{"RAY_MIN_REPLICAS": "two"}, {"RAY_REPLICA_CPUS": "0"}, {"RAY_MAX_REPLICAS": "0"}])
 def test_bad_ray_settings_are_named(env):
+    from embedding_server.operations.settings import SettingsError
     from ray_serve import RaySettings
-    from settings import SettingsError
 
     with pytest.raises(SettingsError, match=next(iter(env))):
         RaySettings.from_env(env)
@@ -406,7 +406,7 @@ def string_constants(path) -> set[str]:
 
 
 def test_env_names_are_read_by_the_server(rayservice):
-    read = string_constants(ROOT / "settings.py") | string_constants(ROOT / "ray_serve.py")
+    read = string_constants(ROOT / "embedding_server/operations/settings.py") | string_constants(ROOT / "ray_serve.py")
     ray_own = {"RAY_ADDRESS"}  # read by ray.init itself
     names = {e["name"] for c in containers(rayservice) for e in c.get("env", [])}
     assert names and names - ray_own <= read, names - ray_own - read
@@ -427,7 +427,7 @@ def test_front_service_keeps_the_single_process_ports(manifest, rayservice):
 
 def test_the_front_pod_outlives_the_servers_grace_period(rayservice):
     """SIGKILL comes terminationGracePeriodSeconds after SIGTERM: the front end drains within GRACE_PERIOD first."""
-    from settings import DEFAULT_GRACE_PERIOD
+    from embedding_server.operations.settings import DEFAULT_GRACE_PERIOD
 
     head = rayservice["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]
     env = {e["name"]: e.get("value") for e in head["spec"]["containers"][0]["env"]}

@@ -8,9 +8,9 @@ from fastapi import FastAPI
 from kserve.model_repository import ModelRepository
 from kserve.protocol.dataplane import DataPlane
 
+from embedding_server.operations.settings import Settings
+from embedding_server.protocols.routes import API_KEY_INFO_BODY, register_legacy_routes
 from model import EmbeddingModel
-from routes import API_KEY_INFO_BODY, register_legacy_routes
-from settings import Settings
 
 
 def get(app: FastAPI, path: str) -> httpx.Response:

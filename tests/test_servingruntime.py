@@ -19,9 +19,9 @@ import numpy as np
 import pytest
 import requests
 import yaml
-
-from conftest import (NO_FILE_OVERRIDES, ROOT, RunningServer, cosines, make_variant_model, start_server)
 from test_deploy import PEAK_GROWTH_MB, check_model, final_cmd, image_home, image_user, read_stages
+
+from conftest import NO_FILE_OVERRIDES, ROOT, RunningServer, cosines, make_variant_model, start_server
 
 RUNTIME_YAML = ROOT / "k8s" / "servingruntime.yaml"
 STORAGE_URI_YAML = ROOT / "k8s" / "inferenceservice-storageuri.yaml"
@@ -136,8 +136,8 @@ def runtime_env(container: dict) -> dict[str, str]:
 
 
 def parse_runtime_args(container: dict):
+    from embedding_server.operations.settings import Settings
     from model import build_parser
-    from settings import Settings
 
     settings = Settings.from_env({**runtime_env(container), "API_KEY": "from-the-secret"})
     try:
@@ -161,7 +161,7 @@ def test_every_arg_is_the_servers_and_names_the_ports_and_the_mounted_model(cont
 
 
 def test_every_variable_is_one_settings_reads_and_the_key_is_a_secret(container):
-    from settings import Settings
+    from embedding_server.operations.settings import Settings
 
     literal = runtime_env(container)
     env = ReadNames({**literal, "API_KEY": "from-the-secret"})
@@ -320,7 +320,7 @@ def test_the_read_only_model_directory_is_left_as_it_was(exact_run, default_run)
 
 
 def test_default_backend_converts_the_read_only_model_into_cache_dir(default_run):
-    import backends
+    from embedding_server.engine import backends
 
     response = post(default_run.server, f"/v1/models/{SERVED_NAME}:predict", {"instances": TEXTS})
     assert response.status_code == 200, response.text

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from settings import DEFAULT_MODEL_NAME, Settings, SettingsError, read_api_keys
+from embedding_server.operations.settings import DEFAULT_MODEL_NAME, Settings, SettingsError, read_api_keys
 
 
 def test_defaults_generate_a_strong_key():

@@ -32,7 +32,7 @@ from typing import Protocol
 
 import numpy as np
 
-from settings import read_cache_dir
+from embedding_server.operations.settings import read_cache_dir
 
 logger = logging.getLogger(__name__)
 

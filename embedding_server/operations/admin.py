@@ -13,9 +13,16 @@ from starlette.datastructures import Headers
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from auth_middleware import (INVALID_KEY_BODY, MISSING_KEY_BODY, KeyChecker, denied, grpc_presented_keys,
-                             http_presented_keys, rejection)
-from errors import error_body
+from auth_middleware import (
+    INVALID_KEY_BODY,
+    MISSING_KEY_BODY,
+    KeyChecker,
+    denied,
+    grpc_presented_keys,
+    http_presented_keys,
+    rejection,
+)
+from embedding_server.operations.errors import error_body
 
 logger = logging.getLogger(__name__)
 

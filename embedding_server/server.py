@@ -26,17 +26,17 @@ from kserve.protocol.grpc.server import GRPCServer
 from kserve.protocol.rest.server import RESTServer
 from starlette.middleware.cors import CORSMiddleware
 
-from admin import GrpcRepositoryInterceptor, RepositoryGuardMiddleware
-from api_docs import install_api_docs
 from auth_middleware import ApiKeyMiddleware, GrpcApiKeyInterceptor
-from connection_guard import guarded_http_protocol
-from errors import GrpcErrorInterceptor, register_error_handlers
-from limits import BodyGuardMiddleware
-from observability import ObservabilityMiddleware
-from adapters import COST_HEADERS
-from grpc_v2 import EmbeddingServicer, MalformedMessageInterceptor
-from routes import register_legacy_routes, register_openai_routes, register_v2_infer_routes
-from settings import Connections, Settings
+from embedding_server.operations.admin import GrpcRepositoryInterceptor, RepositoryGuardMiddleware
+from embedding_server.operations.connection_guard import guarded_http_protocol
+from embedding_server.operations.errors import GrpcErrorInterceptor, register_error_handlers
+from embedding_server.operations.limits import BodyGuardMiddleware
+from embedding_server.operations.observability import ObservabilityMiddleware
+from embedding_server.operations.settings import Connections, Settings
+from embedding_server.protocols.adapters import COST_HEADERS
+from embedding_server.protocols.api_docs import install_api_docs
+from embedding_server.protocols.grpc_v2 import EmbeddingServicer, MalformedMessageInterceptor
+from embedding_server.protocols.routes import register_legacy_routes, register_openai_routes, register_v2_infer_routes
 
 logger = logging.getLogger(__name__)
 

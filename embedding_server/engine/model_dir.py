@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from settings import SettingsError
+from embedding_server.operations.settings import SettingsError
 
 logger = logging.getLogger(__name__)
 

@@ -8,11 +8,11 @@ import grpc
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from starlette.exceptions import HTTPException
 from kserve.errors import InvalidInput, ModelNotReady, ServerNotLive, ServerNotReady
 from kserve.protocol.grpc.interceptors import ExceptionToStatusInterceptor
+from starlette.exceptions import HTTPException
 
-from batcher import Overloaded
+from embedding_server.engine.batcher import Overloaded
 
 logger = logging.getLogger(__name__)
 

@@ -9,7 +9,6 @@ Triton answers), typed contents in, `contents.fp32_contents` out.
 from __future__ import annotations
 
 import logging
-
 from dataclasses import dataclass
 
 import grpc
@@ -21,8 +20,8 @@ from kserve.protocol.grpc.servicer import InferenceServicer
 from kserve.protocol.infer_type import InferInput, InferRequest, InferResponse
 from kserve.utils.utils import to_headers
 
-from adapters import require_bytes, split_bytes_tensor
-from errors import BadRequest
+from embedding_server.operations.errors import BadRequest
+from embedding_server.protocols.adapters import require_bytes, split_bytes_tensor
 
 logger = logging.getLogger(__name__)
 

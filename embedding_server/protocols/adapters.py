@@ -11,9 +11,9 @@ import orjson
 from kserve.constants.constants import INFERENCE_CONTENT_LENGTH_HEADER
 from kserve.protocol.infer_type import InferInput, InferOutput, InferRequest, InferResponse, RequestedOutput
 
-from batcher import Embedded
-from errors import BadRequest, TooLarge, Unprocessable
-from settings import Limits
+from embedding_server.engine.batcher import Embedded
+from embedding_server.operations.errors import BadRequest, TooLarge, Unprocessable
+from embedding_server.operations.settings import Limits
 
 INPUT_NAME = "text"
 OUTPUT_NAME = "embedding"

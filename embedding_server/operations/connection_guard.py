@@ -16,8 +16,8 @@ import logging
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from errors import error_body
-from settings import Connections
+from embedding_server.operations.errors import error_body
+from embedding_server.operations.settings import Connections
 
 logger = logging.getLogger(__name__)
 

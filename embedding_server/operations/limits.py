@@ -14,9 +14,9 @@ from starlette.datastructures import Headers
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from adapters import OpenAIRequestError, openai_error_body
 from auth_middleware import OPENAI_PATH_PREFIXES
-from errors import error_body
+from embedding_server.operations.errors import error_body
+from embedding_server.protocols.adapters import OpenAIRequestError, openai_error_body
 
 logger = logging.getLogger(__name__)
 

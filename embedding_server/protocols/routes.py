@@ -12,11 +12,21 @@ from kserve.protocol.dataplane import DataPlane
 from kserve.protocol.rest.v2_datamodels import InferenceResponse
 from kserve.protocol.rest.v2_endpoints import V2Endpoints
 
-from adapters import (BINARY, COMPUTE_TOKENS, OpenAIRequestError, legacy_response, openai_embedding_response,
-                      openai_error_body, parse_json, parse_legacy, parse_openai_embedding, parse_v2_rest)
-from batcher import Overloaded
-from errors import BadRequest, TooLarge, Unprocessable
-from settings import Settings
+from embedding_server.engine.batcher import Overloaded
+from embedding_server.operations.errors import BadRequest, TooLarge, Unprocessable
+from embedding_server.operations.settings import Settings
+from embedding_server.protocols.adapters import (
+    BINARY,
+    COMPUTE_TOKENS,
+    OpenAIRequestError,
+    legacy_response,
+    openai_embedding_response,
+    openai_error_body,
+    parse_json,
+    parse_legacy,
+    parse_openai_embedding,
+    parse_v2_rest,
+)
 
 logger = logging.getLogger(__name__)
 

@@ -21,9 +21,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from backends import EXACT, Backend, ShapeGrid, Tokenized
-from observability import observe_batch, observe_queue_wait
-from settings import DEFAULT_MAX_BATCH_TOKENS, Limits
+from embedding_server.engine.backends import EXACT, Backend, ShapeGrid, Tokenized
+from embedding_server.operations.observability import observe_batch, observe_queue_wait
+from embedding_server.operations.settings import DEFAULT_MAX_BATCH_TOKENS, Limits
 
 logger = logging.getLogger(__name__)
 

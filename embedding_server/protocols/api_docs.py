@@ -19,9 +19,9 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import FileResponse, HTMLResponse
 from swagger_ui_bundle import swagger_ui_path
 
-from adapters import BINARY
 from auth_middleware import DOCS_ASSETS, INVALID_KEY_BODY, MISSING_KEY_BODY, OPENAI_PATH_PREFIXES, is_public
-from errors import RETRY_AFTER_SECONDS
+from embedding_server.operations.errors import RETRY_AFTER_SECONDS
+from embedding_server.protocols.adapters import BINARY
 
 logger = logging.getLogger(__name__)
 
