@@ -114,6 +114,11 @@ def _tag_words() -> list[str]:
     return words
 
 
+def unique_prefix(words: list[str], n: int) -> str:
+    """The ``n``-th pair of words: distinct for every ``n`` below ``len(words) ** 2``."""
+    return f"{words[n % len(words)]} {words[n // len(words)]}"
+
+
 class FreshTexts:
     """The corpus in order, each text prefixed with two words that no other text of the run gets.
 
@@ -129,8 +134,8 @@ class FreshTexts:
     def take(self, count: int) -> list[str]:
         out = []
         for _ in range(count):
-            n, width = self.base + self.next, len(self.words)
-            out.append(f"{self.words[n % width]} {self.words[n // width]} {self.corpus[self.next % len(self.corpus)]}")
+            prefix = unique_prefix(self.words, self.base + self.next)
+            out.append(f"{prefix} {self.corpus[self.next % len(self.corpus)]}")
             self.next += 1
         if self.next >= PHASE_SPAN:
             raise RuntimeError("a phase sent more texts than PHASE_SPAN: raise it")
