@@ -27,6 +27,7 @@ from run import (
     API_KEY,
     MODEL_NAME,
     _tag_words,
+    exit_on_sigterm,
     load_corpus,
     ours_spec,
     start_server,
@@ -90,6 +91,7 @@ def main() -> int:
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--duration", type=float, default=40.0)
     args = parser.parse_args()
+    exit_on_sigterm()
 
     corpus, source = load_corpus()
     texts = long_texts(corpus, MAX_TEXTS)

@@ -348,22 +348,30 @@ def start_server(spec: ServerSpec, log_dir: Path, nice: int = 0) -> RunningServe
     set_group_nice(proc.pid, nice)
     sampler = MemorySampler(proc.pid).start()
     deadline = t0 + READY_TIMEOUT_S
-    while True:
-        if proc.poll() is not None:
-            sampler.stop()
-            tail = log_path.read_text(errors="replace")[-3000:]
-            raise RuntimeError(f"{spec.label} server exited with {proc.returncode} before ready:\n{tail}")
-        if _health_ok(spec.port):
-            break
-        if time.perf_counter() > deadline:
-            stop_server_proc(proc)
-            sampler.stop()
-            raise RuntimeError(f"{spec.label} server not ready after {READY_TIMEOUT_S:.0f} s (log: {log_path})")
-        time.sleep(0.05)
+    try:
+        while True:
+            if proc.poll() is not None:
+                tail = log_path.read_text(errors="replace")[-3000:]
+                raise RuntimeError(f"{spec.label} server exited with {proc.returncode} before ready:\n{tail}")
+            if _health_ok(spec.port):
+                break
+            if time.perf_counter() > deadline:
+                raise RuntimeError(f"{spec.label} server not ready after {READY_TIMEOUT_S:.0f} s (log: {log_path})")
+            time.sleep(0.05)
+    except BaseException:
+        stop_server_proc(proc)
+        sampler.stop()
+        raise
     startup = time.perf_counter() - t0
     time.sleep(1.0)
     idle = sampler.sample()
     return RunningServer(spec, proc, log_path, startup, sampler, idle_rss_kb=idle)
+
+
+def exit_on_sigterm() -> None:
+    """SIGTERM (``timeout``, ``kill``) ends this script through its ``finally`` blocks, which stop the servers it
+    started: they run in sessions of their own and would otherwise be left behind."""
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
 
 
 def stop_server_proc(proc: subprocess.Popen) -> None:
@@ -1063,6 +1071,7 @@ def main() -> None:
         model_alone_main(sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]))
         return
     args = parse_args()
+    exit_on_sigterm()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
 
     if args.nice:
