@@ -987,17 +987,17 @@ def summarize(results: dict) -> None:
                 value = _ratio(_get(res, "throughput", kind, "texts_per_s"), peer_tp)
                 mine[f"throughput_{kind}_over_{peer}"] = value
                 target = f"   target >= {t}: {_verdict(value, t, True)}" if peer == "seed" else ""
-                print(f"  fresh throughput, {ROUTE_NAMES[kind]:<18} {_fmt(value, '.2f'):>6}x{target}")
+                print(f"  {'fresh throughput, ' + ROUTE_NAMES[kind]:<40}{_fmt(value, '.2f'):>6}x{target}")
             for kind in res["latency"]:
                 value = _ratio(_get(res, "latency", kind, "p50_ms"), peer_p50)
                 mine[f"p50_{kind}_over_{peer}"] = value
                 target = f"   target <= {p}: {_verdict(value, p, False)}" if peer == "seed" else ""
-                print(f"  latency p50, {ROUTE_NAMES[kind]:<18}       {_fmt(value, '.2f'):>6}x{target}")
+                print(f"  {'latency p50, ' + ROUTE_NAMES[kind]:<40}{_fmt(value, '.2f'):>6}x{target}")
             for key in ("peak_rss_mb", "peak_pss_mb"):
                 value = _ratio(res[key], other[key])
                 mine[f"{key}_over_{peer}"] = value
                 target = f"   target <= {r}: {_verdict(value, r, False)}" if peer == "seed" else ""
-                print(f"  {key.replace('_mb', '').replace('_', ' '):<37}{_fmt(value, '.2f'):>6}x{target}")
+                print(f"  {key.replace('_mb', '').replace('_', ' '):<40}{_fmt(value, '.2f'):>6}x{target}")
     alone = results.get("model_alone")
     if alone:
         print(f"\nmodel alone ({alone['backend']}, in-process, no HTTP, {alone['texts']} fresh texts, "
