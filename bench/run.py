@@ -52,6 +52,7 @@ ZIPF_S = 1.1  # its Zipf exponent: the k-th most popular text is drawn with weig
 REPEAT_SPEEDUP_TARGET = 2.5  # repeated / fresh texts/s the issue asks for with the embedding cache on
 # The key both ways: infinity reads only the Bearer form, the seed-style server and ours either
 HEADERS = {"X-Api-Key": API_KEY, "Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"}
+COMPUTED_TEXTS_HEADER = "x-computed-texts"  # our server: of a request's texts, those the model computed (not cached)
 PHASE_SPAN = 10_000_000  # fresh-text numbers reserved for each phase (a phase sends far fewer)
 
 
@@ -582,6 +583,7 @@ async def closed_loop(url: str, kind: str, source: FreshTexts | ZipfTexts, clien
     done_requests = 0
     errors: list[str] = []
     refused = 0
+    computed: list[int] = []  # our server's x-computed-texts of each measured answer: texts not from its cache
     latencies: list[float] = []
     stop_at = time.perf_counter() + warmup_s + duration_s
 
@@ -602,6 +604,7 @@ async def closed_loop(url: str, kind: str, source: FreshTexts | ZipfTexts, clien
                     if len(errors) > 20:
                         raise RuntimeError(f"too many errors from {url}: {errors[:3]}")
                     continue
+                computed_header = resp.headers.get(COMPUTED_TEXTS_HEADER)
             finished = time.perf_counter()
             vectors = _vectors(kind, json.loads(raw), per_request)
             if check is not None:
@@ -611,6 +614,8 @@ async def closed_loop(url: str, kind: str, source: FreshTexts | ZipfTexts, clien
                 done_texts += len(vectors)
                 done_requests += 1
                 latencies.append(finished - started)
+                if computed_header is not None and computed_header.isdigit():
+                    computed.append(int(computed_header))
 
     timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S)
     connector = aiohttp.TCPConnector(limit=0)
@@ -639,6 +644,8 @@ async def closed_loop(url: str, kind: str, source: FreshTexts | ZipfTexts, clien
     }
     if check is not None:
         result["repeat_check"] = check.result()
+    if computed and len(computed) == done_requests:
+        result["computed_share"] = sum(computed) / done_texts
     return result
 
 
@@ -808,6 +815,9 @@ def _print_throughput(tp: dict, mode: str) -> None:
           f"429s {tp['refused_429']}; CPU cores used: "
           f"server {cpu['server_cores']:.2f}, load generator {cpu['loadgen_cores']:.2f}, "
           f"other processes {cpu['other_cores']:.2f})", flush=True)
+    if "computed_share" in tp:
+        print(f"     the server computed {100 * tp['computed_share']:.1f}% of these texts "
+              f"({COMPUTED_TEXTS_HEADER}; the rest came from its embedding cache)", flush=True)
     check = tp.get("repeat_check")
     if check:
         print(f"     repeated texts: {check['repeats_identical']} of {check['repeats_compared']} later answers "
@@ -939,6 +949,9 @@ def summarize(results: dict) -> None:
         row(f"repeated (Zipf) texts/s, {route}", "repeated", kind, "texts_per_s")
     for kind, route in ROUTE_NAMES.items():
         row(f"  fresh per server CPU-second, {route}", "throughput", kind, "texts_per_server_cpu_s")
+    for mode, name in (("throughput", "fresh"), ("repeated", "repeated")):
+        for kind, route in ROUTE_NAMES.items():
+            row(f"  share computed, not cached, {name} {route}", mode, kind, "computed_share", spec=".3f")
     row("  cores used by other processes (max)", "max_other_cores", spec=".2f")
     for kind in ("legacy", "v1", "openai"):
         row(f"latency 1 text p50 (ms), {ROUTE_NAMES[kind]}", "latency", kind, "p50_ms")
