@@ -21,7 +21,7 @@ from kserve.errors import InvalidInput
 from kserve.protocol.infer_type import InferRequest, InferResponse
 
 from embedding_server.engine.backends import create_backend
-from embedding_server.engine.batcher import INLINE_BATCH_TOKENS, Batcher, Embedded
+from embedding_server.engine.batcher import Batcher, Embedded
 from embedding_server.engine.model_dir import ModelDirError, check_model_dir
 from embedding_server.operations.observability import configure_logging
 from embedding_server.operations.settings import DEFAULT_MAX_BATCH_TOKENS, Limits, Settings, SettingsError
@@ -74,8 +74,7 @@ class EmbeddingModel(Model):
                                       trust_remote_code=self.trust_remote_code)
         self.batcher = Batcher(self.backend, max_batch_tokens=self.max_batch_tokens,
                                max_queued_texts=self.limits.max_queued_texts,
-                               max_queue_seconds=self.limits.max_queue_seconds,
-                               inline_batch_tokens=INLINE_BATCH_TOKENS)
+                               max_queue_seconds=self.limits.max_queue_seconds)
         logger.info("Loaded %s from %s with backend %s (%d dims, %d tokens max)", self.name, self.model_path,
                     self.backend.name, self.backend.dimension, self.backend.max_seq_length)
         self.ready = True

@@ -94,51 +94,6 @@ def test_concurrent_requests_are_batched_and_routed_back_in_order(backend, refer
         assert len(lengths) * max(lengths) <= 4096 or len(lengths) == 1
 
 
-class ThreadRecordingBackend(CountingBackend):
-    """The real backend, recording which thread ran each batch."""
-
-    def __init__(self, backend):
-        super().__init__(backend)
-        self.threads = []
-
-    def embed(self, batch):
-        self.threads.append(threading.current_thread().name)
-        return super().embed(batch)
-
-
-def test_a_small_batch_alone_runs_on_the_event_loop_and_the_rest_off_it(backend, reference):
-    """With inline_batch_tokens, a lone batch within the limit skips the hops to the infer thread and back; a
-    larger batch, a round of several batches, or a batcher without the setting runs on the infer thread. The
-    vectors are the same either way."""
-    recording = ThreadRecordingBackend(backend)
-    short = ["a short text", "another short text"]
-    long = ["word " * 100]  # over 100 tokens: over the limit alone
-    assert len(short) * max(len(t.ids) for t in backend.tokenize(short)) <= 64
-    loop_thread = threading.current_thread().name
-
-    async def run(inline_batch_tokens):
-        batcher = Batcher(recording, max_batch_tokens=256, inline_batch_tokens=inline_batch_tokens)
-        try:
-            alone = await batcher.embed(short)
-            too_big = await batcher.embed(long)
-            together = await asyncio.gather(batcher.embed(short), batcher.embed(long))  # one round, two batches
-            return alone, too_big, together
-        finally:
-            batcher.close()
-
-    alone, too_big, (short_again, long_again) = asyncio.run(run(inline_batch_tokens=64))
-    assert recording.threads[0] == loop_thread
-    assert all(name.startswith("infer") for name in recording.threads[1:]), recording.threads
-    assert len(recording.threads) == 4
-    assert cosines(alone.embeddings, reference(short)).min() >= 0.99999
-    assert cosines(too_big.embeddings, reference(long)).min() >= 0.99999
-    assert (alone.embeddings == short_again.embeddings).all() and (too_big.embeddings == long_again.embeddings).all()
-
-    recording.threads.clear()
-    asyncio.run(run(inline_batch_tokens=0))
-    assert all(name.startswith("infer") for name in recording.threads), recording.threads
-
-
 def test_truncation_is_counted(backend):
     async def run():
         batcher = Batcher(backend)

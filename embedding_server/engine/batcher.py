@@ -3,8 +3,7 @@
 Requests put their tokenized texts in a queue, in arrival order. One worker takes the oldest
 texts up to a few micro-batches' worth of tokens (a round), sorts them by length so that
 little padding is computed, cuts them into micro-batches by a token budget, runs each off the
-event loop (but a small batch that is all the work there is: INLINE_BATCH_TOKENS), and routes
-every row back to its request in the caller's order. A request is
+event loop, and routes every row back to its request in the caller's order. A request is
 answered as soon as its own rows are done, and it waits only for the texts that arrived
 before it: admission can therefore bound the wait of every request it accepts, from the
 work already admitted and the throughput measured so far.
@@ -91,11 +90,6 @@ class _Request:
 
 INLINE_TOKENIZE_CHARS = 2048  # smaller requests are tokenized on the event loop (tens of microseconds)
 INLINE_PLAN_TEXTS = 256  # larger rounds are planned off the event loop (the plan is O(texts x rows))
-# A batch of at most this many tokens (rows x padded width) that is all the work queued runs on the event loop's
-# thread, a few milliseconds of model time: the two thread hops it saves (the infer thread's wake-up, then the
-# loop's) cost up to as much as the model call for one short text on a busy machine, and a request that arrives
-# meanwhile would have waited behind that batch anyway.
-INLINE_BATCH_TOKENS = 128
 # A model call costs about as much as this many tokens more (OpenVINO bf16, 2 cores: 1.35 ms + 0.07 ms a token).
 CALL_OVERHEAD_TOKENS = 20
 # A round holds at most this many micro-batches' worth of tokens: enough rows to sort by length, few enough
@@ -144,11 +138,8 @@ def plan_batches(lengths: list[int], max_batch_tokens: int, call_overhead_tokens
 
 class Batcher:
     def __init__(self, backend: Backend, max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS, max_queued_texts: int = 0,
-                 max_queue_seconds: float = Limits.max_queue_seconds, throughput: Throughput | None = None,
-                 inline_batch_tokens: int = 0):
+                 max_queue_seconds: float = Limits.max_queue_seconds, throughput: Throughput | None = None):
         self.backend = backend
-        # A lone batch up to this many tokens runs on the event loop (0: never; the server passes INLINE_BATCH_TOKENS).
-        self.inline_batch_tokens = inline_batch_tokens
         self.max_batch_tokens = max_batch_tokens
         self.max_queued_texts = max_queued_texts
         self.max_queue_seconds = max_queue_seconds
@@ -300,23 +291,15 @@ class Batcher:
         else:
             batches = await loop.run_in_executor(self._tokenize_pool, plan)
         computed = 0
-        alone = len(batches) == 1 and not self._pending  # this batch is all the work there is
         for batch in batches:
             items = [round_[k] for k in batch if not round_[k][0].future.done()]
             if items:
-                computed += await self._run_batch(loop, items, alone)
+                computed += await self._run_batch(loop, items)
         # Wall time of the whole round, planning and the event loop's share of the cores included: the rate
         # that admission divides by is the rate at which admitted work really drains.
         self.throughput.observe(computed, time.perf_counter() - started)
 
-    def _runs_inline(self, ids: list[np.ndarray], alone: bool) -> bool:
-        """Whether a batch is alone and small enough (rows x padded width) to run on the event loop's thread."""
-        if not alone or not self.inline_batch_tokens:
-            return False
-        return len(ids) * self.backend.shapes.width(max(map(len, ids))) <= self.inline_batch_tokens
-
-    async def _run_batch(self, loop: asyncio.AbstractEventLoop, items: list[tuple[_Request, int]],
-                         alone: bool = False) -> int:
+    async def _run_batch(self, loop: asyncio.AbstractEventLoop, items: list[tuple[_Request, int]]) -> int:
         """Runs one micro-batch and answers every request whose last row it held; returns the tokens computed."""
         started = time.perf_counter()
         for req, _ in items:
@@ -324,10 +307,7 @@ class Batcher:
                 req.started = started
         ids = [req.tokenized[i].ids for req, i in items]
         try:
-            if self._runs_inline(ids, alone):
-                vectors = self.backend.embed(ids)
-            else:
-                vectors = await loop.run_in_executor(self._infer_pool, self.backend.embed, ids)
+            vectors = await loop.run_in_executor(self._infer_pool, self.backend.embed, ids)
         except Exception as exc:  # a backend failure fails the requests in this batch, not the worker
             logger.exception("inference failed for a batch of %d texts", len(items))
             for req, _ in items:
