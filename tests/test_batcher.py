@@ -21,6 +21,11 @@ def test_plan_batches_sorts_longest_first_within_the_budget():
         assert [lengths[i] for i in batch] == sorted((lengths[i] for i in batch), reverse=True)
 
 
+def test_plan_batches_gives_one_text_a_batch_whatever_its_length():
+    assert plan_batches([7], max_batch_tokens=100) == [[0]]
+    assert plan_batches([300], max_batch_tokens=100) == [[0]]
+
+
 def test_plan_batches_splits_a_large_client_batch():
     batches = plan_batches([10] * 1000, max_batch_tokens=640)
     assert len(batches) == 16 and max(len(b) for b in batches) <= 64

@@ -126,6 +126,31 @@ def test_one_access_line_per_request_with_its_fields(access):
     assert (third["route"], third["status"]) == ("/health", 200)
 
 
+def test_the_count_precedes_the_last_byte_and_the_access_line_follows_it(access):
+    """A scrape after the answer includes the request; the answer does not wait for its log line."""
+    async def answer(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}", "more_body": False})
+
+    def counted() -> float:
+        return sample("embedding_requests_total", route="unmatched", method="PUT", status="200")
+
+    before = counted()
+    seen_at_last_byte = []
+
+    async def receive():
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message):
+        if message["type"] == "http.response.body":
+            seen_at_last_byte.append((counted() - before, len(access_lines(access))))
+
+    scope = {"type": "http", "method": "PUT", "path": "/raw", "headers": [], "query_string": b""}
+    asyncio.run(observability.ObservabilityMiddleware(answer)(scope, receive, send))
+    assert seen_at_last_byte == [(1.0, 0)]
+    assert [line.access["route"] for line in access_lines(access)] == ["/raw"]
+
+
 def test_an_unmatched_path_is_logged_by_path_and_counted_as_unmatched(access):
     before = sample("embedding_requests_total", route="unmatched", method="GET", status="401")
     call(make_app(), "GET", "/no/such/route/7")

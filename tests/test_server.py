@@ -1,13 +1,20 @@
 """The server's wiring: the model-repository extension locked away, and health that follows the model."""
 from __future__ import annotations
 
+import logging
+
 import grpc
 import pytest
 import requests
+from fastapi import FastAPI
 from kserve.protocol.grpc import grpc_predict_v2_pb2 as pb
 from kserve.protocol.grpc import grpc_predict_v2_pb2_grpc as pb_grpc
+from kserve.protocol.rest.server import PrintTimings
+from starlette.middleware.cors import CORSMiddleware
+from timing_asgi import TimingMiddleware
 
 from conftest import MODEL_NAME, TEST_KEY, cosines, grpc_infer, start_server
+from embedding_server.server import drop_unlogged_timing
 
 ADMIN_KEY = "admin-key-5d1e0b"
 REPOSITORY_ROUTES = [f"/v2/repository/models/{MODEL_NAME}/unload", f"/v2/repository/models/{MODEL_NAME}/load",
@@ -88,3 +95,18 @@ def test_without_its_model_the_server_is_not_ready_and_not_live(admin_server):
     with pytest.raises(grpc.RpcError) as failed:
         grpc_infer(admin_server, ["x"], metadata=(("x-api-key", TEST_KEY),))
     assert failed.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+@pytest.mark.parametrize(("level", "kept"), [(logging.DEBUG, True), (logging.WARNING, False)])
+def test_kserves_timing_middleware_runs_only_when_its_lines_are_logged(level, kept):
+    app = FastAPI()
+    app.add_middleware(TimingMiddleware, client=PrintTimings())
+    app.add_middleware(CORSMiddleware, allow_origins=["*"])
+    trace = logging.getLogger("kserve.trace")
+    before = trace.level
+    trace.setLevel(level)
+    try:
+        drop_unlogged_timing(app)
+    finally:
+        trace.setLevel(before)
+    assert [m.cls for m in app.user_middleware] == ([CORSMiddleware, TimingMiddleware] if kept else [CORSMiddleware])

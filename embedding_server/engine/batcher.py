@@ -109,6 +109,8 @@ def plan_batches(lengths: list[int], max_batch_tokens: int, call_overhead_tokens
     programme picks the cut points that minimise padded tokens plus a per-call overhead, with the padded
     shape within the budget (a text longer than the budget on its own gets a batch of its own).
     """
+    if len(lengths) == 1:  # one text, one batch: the programme's numpy set-up costs more than the plan
+        return [[0]]
     order = sorted(range(len(lengths)), key=lambda i: lengths[i], reverse=True)
     n = len(order)
     best = np.full(n + 1, np.iinfo(np.int64).max // 2, dtype=np.int64)  # best[j]: cost of the first j rows

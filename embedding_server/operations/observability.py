@@ -157,22 +157,28 @@ class ObservabilityMiddleware:
                 message = {**message, "headers": raw}
                 self._read_costs(raw, answer)
             elif message["type"] == "http.response.body" and not message.get("more_body", False):
-                # Counted before the last byte leaves, so a scrape after the answer always includes it.
-                self._finish(scope, headers, request_id, answer, started)
+                # Counted before the last byte leaves, so a scrape after the answer always includes it; logged
+                # after, so that the answer does not wait for the access line to be formatted and written.
+                fields = self._finish(scope, headers, request_id, answer, started)
+                try:
+                    await send(message)
+                finally:
+                    self._log(fields)
+                return
             await send(message)
 
         try:
             await self.app(scope, receive, send_with_id)
         except Exception:
             if answer.status is not None:
-                self._finish(scope, headers, request_id, answer, started)
+                self._log(self._finish(scope, headers, request_id, answer, started))
                 raise
             logger.exception("Unhandled error answering request %s", request_id)
             response = JSONResponse({"error": "Internal server error", "request_id": request_id}, status_code=500)
             await response(scope, receive, send_with_id)
         finally:
             if not answer.finished:
-                self._finish(scope, headers, request_id, answer, started)
+                self._log(self._finish(scope, headers, request_id, answer, started))
 
     @staticmethod
     def _read_costs(raw: list[tuple[bytes, bytes]], answer: _Answer) -> None:
@@ -181,7 +187,8 @@ class ObservabilityMiddleware:
             if field is not None and value.isdigit():
                 setattr(answer, field, int(value))
 
-    def _finish(self, scope: Scope, headers: Headers, request_id: str, answer: _Answer, started: float) -> None:
+    def _finish(self, scope: Scope, headers: Headers, request_id: str, answer: _Answer, started: float) -> dict:
+        """Counts the answer in the Prometheus series; returns its access-line fields."""
         answer.finished = True
         seconds = time.perf_counter() - started
         status = answer.status or CLIENT_CLOSED
@@ -207,10 +214,13 @@ class ObservabilityMiddleware:
             "tokens": answer.tokens,
             "duration_ms": round(seconds * 1000, 3),
         }
+        return fields
+
+    def _log(self, fields: dict) -> None:
         self.access.info("request_id=%s method=%s route=%s status=%d texts=%s tokens=%s duration_ms=%.3f",
-                         request_id, method, fields["route"], status,
-                         "-" if answer.texts is None else answer.texts,
-                         "-" if answer.tokens is None else answer.tokens, fields["duration_ms"],
+                         fields["request_id"], fields["method"], fields["route"], fields["status"],
+                         "-" if fields["texts"] is None else fields["texts"],
+                         "-" if fields["tokens"] is None else fields["tokens"], fields["duration_ms"],
                          extra={"access": fields})
 
 
