@@ -429,7 +429,9 @@ def test_grpc_overload_is_resource_exhausted_within_the_bound(bounded):
 # --- Lifecycle: disconnects and SIGTERM -------------------------------------------------------------------------
 
 def test_a_client_that_leaves_does_not_leave_its_work_behind(tmp_path):
-    running = start_server(tmp_path, env={"BACKEND": "torch", "PRECISION": "fp32", "MAX_BATCH_TOKENS": "2048"})
+    # The same texts are sent twice: with the embedding cache on, the second request would be answered from it.
+    running = start_server(tmp_path, env={"BACKEND": "torch", "PRECISION": "fp32", "MAX_BATCH_TOKENS": "2048",
+                                          "EMBEDDING_CACHE_MB": "0"})
     try:
         big = {"instances": [f"{i} " + "lorem ipsum dolor sit amet " * 40 for i in range(400)]}
         started = time.monotonic()
