@@ -13,9 +13,9 @@ DEFAULT_GRPC_PORT = 8081
 # 8192 or faster (the activations stay in cache) and hold far less memory (~460 MB vs ~910 MB peak for a process
 # embedding long texts in full batches).
 DEFAULT_MAX_BATCH_TOKENS = 2048
-# Memory for embeddings of texts seen before (EMBEDDING_CACHE_MB; 0 turns the cache off). Measured on 2 cores:
-# the server holds ~230 MB idle and ~420 MB at its peak, so 64 MB (~37,000 texts of 384 dimensions at ~1.8 kB each)
-# keeps it under Render's 512 MB plan.
+# Memory for embeddings of texts seen before (EMBEDDING_CACHE_MB; 0 turns the cache off). Measured on 2 cores: the
+# server holds ~235 MB idle and peaks at 365-420 MB under 16 clients, and a full cache adds its size to the RSS, so
+# 64 MB (~37,000 texts of 384 dimensions at ~1.8 kB each) keeps it under Render's 512 MB plan.
 DEFAULT_EMBEDDING_CACHE_MB = 64
 TRUE_WORDS = {"1", "true", "yes", "on"}
 FALSE_WORDS = {"0", "false", "no", "off", ""}
