@@ -1,7 +1,7 @@
 """The embedding model server: a kserve.Model for sentence-transformers, and its entry point.
 
 Request path: auth_middleware (API key) -> KServe V1, routes.py (legacy, OpenAI, V2 REST) or grpc_v2 (gRPC)
--> EmbeddingModel.preprocess (adapters: body -> texts) -> predict (batcher -> backend)
+-> EmbeddingModel.preprocess (adapters: body -> texts) -> predict (cache -> batcher -> backend)
 -> postprocess (adapters: embeddings -> body).
 """
 from __future__ import annotations
@@ -13,6 +13,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the model is on disk; never reac
 import argparse
 import logging
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,11 +21,25 @@ from kserve import Model, ModelServer
 from kserve.errors import InvalidInput
 from kserve.protocol.infer_type import InferRequest, InferResponse
 
+from auth_middleware import AUTHORIZATION_HEADER, KEY_HEADER, presented_keys
 from embedding_server.engine.backends import create_backend
 from embedding_server.engine.batcher import Batcher, Embedded
+from embedding_server.engine.cache import (
+    NAMESPACE_HEADER,
+    CachingEmbedder,
+    EmbeddingCache,
+    model_identity,
+    namespace_of,
+)
 from embedding_server.engine.model_dir import ModelDirError, check_model_dir
 from embedding_server.operations.observability import configure_logging
-from embedding_server.operations.settings import DEFAULT_MAX_BATCH_TOKENS, Limits, Settings, SettingsError
+from embedding_server.operations.settings import (
+    DEFAULT_EMBEDDING_CACHE_MB,
+    DEFAULT_MAX_BATCH_TOKENS,
+    Limits,
+    Settings,
+    SettingsError,
+)
 from embedding_server.protocols.adapters import (
     INPUT_NAME,
     OUTPUT_NAME,
@@ -36,6 +51,16 @@ from embedding_server.protocols.adapters import (
 )
 
 logger = logging.getLogger(__name__)
+
+
+def cache_namespace(headers: Mapping[str, str] | None) -> str:
+    """The caller's embedding-cache namespace, from its API key; in a Ray replica, which never sees the key, from
+    the header the front end set in its place (a client's own copy of that header is dropped there)."""
+    headers = headers or {}
+    keys = presented_keys([headers.get(KEY_HEADER, "")], [headers.get(AUTHORIZATION_HEADER, "")])
+    if keys:
+        return namespace_of(min(keys))
+    return headers.get(NAMESPACE_HEADER, "")
 
 
 @dataclass
@@ -55,7 +80,8 @@ class EmbedResult:
 class EmbeddingModel(Model):
     def __init__(self, name: str, model_path: str, backend: str = "auto", precision: str = "auto",
                  max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS, limits: Limits | None = None, threads: int | None = None,
-                 cache_dir: str | None = None, trust_remote_code: bool = False):
+                 cache_dir: str | None = None, trust_remote_code: bool = False,
+                 embedding_cache_mb: int = DEFAULT_EMBEDDING_CACHE_MB):
         super().__init__(name, return_response_headers=True)
         self.model_path = model_path
         self.trust_remote_code = trust_remote_code  # the model's own Python code may run (model_dir.py decides)
@@ -67,6 +93,8 @@ class EmbeddingModel(Model):
         self.cache_dir = cache_dir  # where converted models are kept; None: the backends' default
         self.backend = None
         self.batcher: Batcher | None = None
+        self.embedding_cache_mb = embedding_cache_mb  # 0: no cache
+        self.embedder: CachingEmbedder | None = None
 
     def load(self) -> bool:
         self.backend = create_backend(self.model_path, backend=self.backend_name, precision=self.precision,
@@ -75,8 +103,14 @@ class EmbeddingModel(Model):
         self.batcher = Batcher(self.backend, max_batch_tokens=self.max_batch_tokens,
                                max_queued_texts=self.limits.max_queued_texts,
                                max_queue_seconds=self.limits.max_queue_seconds)
-        logger.info("Loaded %s from %s with backend %s (%d dims, %d tokens max)", self.name, self.model_path,
-                    self.backend.name, self.backend.dimension, self.backend.max_seq_length)
+        cache = None
+        if self.embedding_cache_mb:
+            model_id = model_identity(self.model_path, self.backend.name, self.backend.max_seq_length)
+            cache = EmbeddingCache(self.embedding_cache_mb * 1024 * 1024, model_id)
+        self.embedder = CachingEmbedder(self.batcher, cache)
+        logger.info("Loaded %s from %s with backend %s (%d dims, %d tokens max, embedding cache %d MB)", self.name,
+                    self.model_path, self.backend.name, self.backend.dimension, self.backend.max_seq_length,
+                    self.embedding_cache_mb)
         self.ready = True
         return self.ready
 
@@ -104,7 +138,7 @@ class EmbeddingModel(Model):
                       response_headers: dict[str, str] | None = None) -> EmbedResult:
         if not isinstance(payload, EmbedRequest):
             raise InvalidInput("predict expects the output of preprocess")
-        return EmbedResult(payload, await self.batcher.embed(payload.texts))
+        return EmbedResult(payload, await self.embedder.embed(payload.texts, cache_namespace(headers)))
 
     async def postprocess(self, result: EmbedResult, headers: dict[str, str] | None = None,
                           response_headers: dict[str, str] | None = None) -> dict | InferResponse:
@@ -171,7 +205,8 @@ def main(argv: list[str] | None = None) -> None:
 
     model = EmbeddingModel(args.model_name, model_dir.path, backend=args.backend, precision=args.precision,
                            max_batch_tokens=settings.max_batch_tokens, limits=settings.limits,
-                           cache_dir=settings.cache_dir, trust_remote_code=model_dir.has_code)
+                           cache_dir=settings.cache_dir, trust_remote_code=model_dir.has_code,
+                           embedding_cache_mb=settings.embedding_cache_mb)
     load_or_exit(model)
     server: ModelServer = create_server(model, settings, args, dimension=model.backend.dimension)
     server.start([model])

@@ -44,6 +44,7 @@ from ray.serve.exceptions import (
 )
 from ray.serve.handle import DeploymentHandle
 
+from embedding_server.engine.cache import NAMESPACE_HEADER
 from embedding_server.engine.model_dir import ModelDirError, check_model_dir
 from embedding_server.operations.settings import (
     DEFAULT_MAX_BATCH_TOKENS,
@@ -53,7 +54,7 @@ from embedding_server.operations.settings import (
     SettingsError,
     read_number,
 )
-from model import EmbeddingModel, build_parser, print_generated_key_banner
+from model import EmbeddingModel, build_parser, cache_namespace, print_generated_key_banner
 
 logger = logging.getLogger(__name__)
 
@@ -122,6 +123,7 @@ class ReplicaConfig:
     limits: dict[str, int] = field(default_factory=dict)  # settings.Limits fields; the rest keep defaults
     cache_dir: str | None = None
     trust_remote_code: bool = False  # model_dir.check_model_dir allowed the model's own code
+    embedding_cache_mb: int = 0  # each replica's own cache; replica_config sets EMBEDDING_CACHE_MB
 
 
 def replica_threads(replica_cpus: float) -> int:
@@ -139,7 +141,8 @@ class EmbeddingDeployment:
         self.model = EmbeddingModel(replica.model_name, replica.model_path, backend=replica.backend,
                                     precision=replica.precision, max_batch_tokens=replica.max_batch_tokens,
                                     limits=Limits(**replica.limits), threads=replica.threads,
-                                    cache_dir=replica.cache_dir, trust_remote_code=replica.trust_remote_code)
+                                    cache_dir=replica.cache_dir, trust_remote_code=replica.trust_remote_code,
+                                    embedding_cache_mb=replica.embedding_cache_mb)
         self.model.load()
         context = serve.get_replica_context()
         self.replica = f"{context.replica_id.unique_id}/{os.getpid()}"
@@ -201,6 +204,7 @@ def replica_config(settings: Settings, ray_settings: RaySettings, **overrides: A
         # one's, so a replica refuses (429) only work that could not be done before RAY_REQUEST_TIMEOUT (503).
         limits=asdict(replace(settings.limits, max_queue_seconds=ray_settings.request_timeout)),
         cache_dir=settings.cache_dir,
+        embedding_cache_mb=settings.embedding_cache_mb,
     )
     return ReplicaConfig(**{**asdict(config), **overrides})
 
@@ -246,7 +250,9 @@ class RayEmbeddingModel(RayModel):
 
     async def __call__(self, body: Any, headers: dict[str, str] | None = None, verb: Any = None,
                        ) -> tuple[Any, dict[str, str]]:
-        headers = {k: v for k, v in (headers or {}).items() if k.lower() not in PRIVATE_HEADERS}
+        namespace = cache_namespace(headers)
+        headers = {k: v for k, v in (headers or {}).items() if k.lower() not in PRIVATE_HEADERS | {NAMESPACE_HEADER}}
+        headers[NAMESPACE_HEADER] = namespace  # the replica's cache keeps keys apart without seeing them
         body = portable(body)
         deadline = time.monotonic() + self.timeout
         for attempt in range(self.retries + 1):

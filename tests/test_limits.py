@@ -203,15 +203,15 @@ def test_overload_answers_429_with_retry_after_at_once(hardened):
     statuses: list[int] = []
     retry_after: list[str] = []
 
-    def client():
-        response = requests.post(hardened.url + V1, json={"instances": ["word " * 80] * 40},
-                                 headers=hardened.headers(), timeout=120)
+    def client(n: int):
+        texts = [f"client {n} text {i} " + "word " * 80 for i in range(40)]  # distinct: none answered from the cache
+        response = requests.post(hardened.url + V1, json={"instances": texts}, headers=hardened.headers(), timeout=120)
         statuses.append(response.status_code)
         if response.status_code == 429:
             retry_after.append(response.headers.get("Retry-After", ""))
             assert "error" in response.json()
 
-    threads = [threading.Thread(target=client) for _ in range(6)]
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(6)]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -429,7 +429,9 @@ def test_grpc_overload_is_resource_exhausted_within_the_bound(bounded):
 # --- Lifecycle: disconnects and SIGTERM -------------------------------------------------------------------------
 
 def test_a_client_that_leaves_does_not_leave_its_work_behind(tmp_path):
-    running = start_server(tmp_path, env={"BACKEND": "torch", "PRECISION": "fp32", "MAX_BATCH_TOKENS": "2048"})
+    # The same texts are sent twice: with the embedding cache on, the second request would be answered from it.
+    running = start_server(tmp_path, env={"BACKEND": "torch", "PRECISION": "fp32", "MAX_BATCH_TOKENS": "2048",
+                                          "EMBEDDING_CACHE_MB": "0"})
     try:
         big = {"instances": [f"{i} " + "lorem ipsum dolor sit amet " * 40 for i in range(400)]}
         started = time.monotonic()

@@ -312,16 +312,18 @@ def test_metrics_add_up_after_known_traffic(server):
     url, key = server.url, server.key
     embed, openai = f"{url}/embedding", f"{url}/openai/v1/embeddings"
     predict = f"{url}/v1/models/all-MiniLM-L6-v2:predict"
-    long_text = "many words " * 300  # over the model's 256 tokens: truncated
     request_id = f"itest-{uuid.uuid4().hex}"
+    fresh = request_id[-8:]  # texts the session's server has not seen: none is answered from its embedding cache
+    long_text = f"{fresh} " + "many words " * 300  # over the model's 256 tokens: truncated
     before = scrape(url)
     ok = [
-        requests.post(embed, json={"a": "The cat sits.", "b": long_text}, timeout=60,
+        requests.post(embed, json={"a": f"The cat sits. {fresh}", "b": long_text}, timeout=60,
                       headers={"X-Api-Key": key, "X-Request-Id": request_id}),
-        requests.post(f"{embed}?api_key=query-secret-44", json={"instances": ["one", "two", "three"]},
+        requests.post(f"{embed}?api_key=query-secret-44", json={"instances": [f"one {fresh}", f"two {fresh}",
+                                                                              f"three {fresh}"]},
                       headers={"X-Api-Key": key}, timeout=60),
-        requests.post(predict, json={"instances": ["a dog"]}, headers={"X-Api-Key": key}, timeout=60),
-        requests.post(openai, json={"input": ["x", "y"], "model": "all-MiniLM-L6-v2"},
+        requests.post(predict, json={"instances": [f"a dog {fresh}"]}, headers={"X-Api-Key": key}, timeout=60),
+        requests.post(openai, json={"input": [f"x {fresh}", f"y {fresh}"], "model": "all-MiniLM-L6-v2"},
                       headers={"Authorization": f"Bearer {key}"}, timeout=60),
     ]
     refused = [
@@ -349,6 +351,7 @@ def test_metrics_add_up_after_known_traffic(server):
     tokens = sum(int(r.headers["x-compute-tokens"]) for r in ok)
     truncated = sum(int(r.headers["x-truncated-texts"]) for r in ok)
     assert (texts, truncated) == (8, 1)
+    assert sum(int(r.headers["x-computed-texts"]) for r in ok) == texts
     assert delta(before, after, "embedding_texts_total") == texts
     assert delta(before, after, "embedding_tokens_total") == tokens
     assert delta(before, after, "embedding_truncated_texts_total") == truncated

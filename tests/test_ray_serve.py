@@ -13,6 +13,7 @@ import re
 import signal
 import sys
 import time
+import uuid
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
@@ -35,6 +36,7 @@ V2 = f"/v2/models/{MODEL_NAME}/infer"
 TEXTS = ["This is the first sentence.", "Here is another sentence.", "Ünïcödé and emoji 🚀 text.", "",
          " ".join(["The quick brown fox jumps over the lazy dog."] * 60)]
 REPLICAS = 2
+OTHER_KEY = "ray-other-key"
 MANIFEST = ROOT / "k8s" / "rayservice.yaml"
 
 
@@ -44,7 +46,8 @@ def ray_server(tmp_path_factory):
         tmp_path_factory.mktemp("ray"),
         command=[sys.executable, "ray_serve.py"],
         env={"BACKEND": "torch", "PRECISION": "fp32", "RAY_NUM_CPUS": "2", "RAY_REPLICA_CPUS": "0.5",
-             "RAY_MIN_REPLICAS": str(REPLICAS), "RAY_MAX_REPLICAS": str(REPLICAS), "RAY_REQUEST_TIMEOUT": "30"},
+             "RAY_MIN_REPLICAS": str(REPLICAS), "RAY_MAX_REPLICAS": str(REPLICAS), "RAY_REQUEST_TIMEOUT": "30",
+             "API_KEYS": OTHER_KEY},
     )
     yield running
     assert running.stop() is not None
@@ -156,6 +159,18 @@ def test_grpc_still_requires_the_key(ray_server):
     with pytest.raises(grpc.RpcError) as caught:
         grpc_infer(ray_server, ["hello"], (("x-api-key", "wrong"),))
     assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+def test_each_replica_computes_a_repeated_text_once_per_key(ray_server):
+    text = f"asked again and again {uuid.uuid4().hex}"
+    responses = [v1_batch(ray_server, [text]) for _ in range(8)]
+    assert all(r.status_code == 200 for r in responses)
+    computed = Counter()
+    for response in responses:
+        computed[replica_of(response)] += int(response.headers["x-computed-texts"])
+    assert set(computed.values()) == {1}, computed  # its first request on a replica computes it, no other one
+    other = post(ray_server, V1, {"instances": [text]}, headers={"X-Api-Key": OTHER_KEY})
+    assert other.status_code == 200 and other.headers["x-computed-texts"] == "1"  # no replica answers another key's
 
 
 # --- replicas ---------------------------------------------------------------------------------------------------
@@ -286,13 +301,17 @@ def test_a_stuck_replica_gets_a_503_in_bounded_time():
 
 
 def test_the_key_stays_in_the_front_process():
+    from embedding_server.engine.cache import NAMESPACE_HEADER, namespace_of
     from ray_serve import RayEmbeddingModel
 
     handle = serve.run(Echo.bind(), name="echo", route_prefix=None, _local_testing_mode=True)
     model = RayEmbeddingModel(MODEL_NAME, handle, timeout=5, retries=0)
+    # The replica gets the key's cache namespace in its place; a client's own namespace header is replaced.
     body, headers = call_model(model, {"instances": ["x"]},
-                               {"X-Api-Key": TEST_KEY, "authorization": f"Bearer {TEST_KEY}", "x-request-id": "r1"})
-    assert body == {"instances": ["x"]} and headers == {"x-request-id": "r1"}
+                               {"x-api-key": TEST_KEY, "authorization": f"Bearer {TEST_KEY}", "x-request-id": "r1",
+                                NAMESPACE_HEADER: namespace_of("someone-else")})
+    assert body == {"instances": ["x"]}
+    assert headers == {"x-request-id": "r1", NAMESPACE_HEADER: namespace_of(TEST_KEY)}
 
 
 # --- the settings ---------------------------------------------------------------------------------------------

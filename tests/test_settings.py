@@ -3,7 +3,13 @@ from __future__ import annotations
 
 import pytest
 
-from embedding_server.operations.settings import DEFAULT_MODEL_NAME, Settings, SettingsError, read_api_keys
+from embedding_server.operations.settings import (
+    DEFAULT_EMBEDDING_CACHE_MB,
+    DEFAULT_MODEL_NAME,
+    Settings,
+    SettingsError,
+    read_api_keys,
+)
 
 
 def test_defaults_generate_a_strong_key():
@@ -21,6 +27,12 @@ def test_port_and_names_from_the_environment():
     assert settings.api_keys == ("k",) and not settings.api_key_generated
 
 
+def test_the_embedding_cache_is_on_by_default_and_0_turns_it_off():
+    assert Settings.from_env({"API_KEY": "k"}).embedding_cache_mb == DEFAULT_EMBEDDING_CACHE_MB > 0
+    assert Settings.from_env({"API_KEY": "k", "EMBEDDING_CACHE_MB": "0"}).embedding_cache_mb == 0
+    assert Settings.from_env({"API_KEY": "k", "EMBEDDING_CACHE_MB": "256"}).embedding_cache_mb == 256
+
+
 def test_keys_from_every_source_without_duplicates(tmp_path):
     key_file = tmp_path / "keys"
     key_file.write_text("file-key\n\n  b \n")
@@ -34,6 +46,8 @@ def test_keys_from_every_source_without_duplicates(tmp_path):
     ({"SHOW_API_KEY_INFO": "maybe"}, "SHOW_API_KEY_INFO"),
     ({"BACKEND": "gpu"}, "BACKEND"),
     ({"API_KEY_FILE": "/no/such/file"}, "API_KEY_FILE"),
+    ({"EMBEDDING_CACHE_MB": "-1"}, "EMBEDDING_CACHE_MB"),
+    ({"EMBEDDING_CACHE_MB": "lots"}, "EMBEDDING_CACHE_MB"),
 ])
 def test_bad_values_name_the_setting(env, name):
     with pytest.raises(SettingsError, match=name):

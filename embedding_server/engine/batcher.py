@@ -74,6 +74,9 @@ class Embedded:
     truncated: int
     queue_seconds: float = 0.0
     compute_seconds: float = 0.0
+    computed: int = 0  # texts this request had the model compute: fewer than its rows when a cache answered some
+    text_tokens: tuple[int, ...] = ()  # per row, when the batcher computed them: tokens as the model saw them...
+    text_truncated: tuple[bool, ...] = ()  # ... and whether the text was cut
 
 
 @dataclass
@@ -225,6 +228,9 @@ class Batcher:
             truncated=sum(t.truncated for t in tokenized),
             queue_seconds=started - request.enqueued,
             compute_seconds=request.compute_seconds,
+            computed=len(texts),
+            text_tokens=tuple(len(t.ids) for t in tokenized),
+            text_truncated=tuple(t.truncated for t in tokenized),
         )
 
     def _release(self, request: _Request, _: asyncio.Future) -> None:

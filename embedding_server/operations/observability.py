@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import IO
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 from starlette.datastructures import Headers
 from starlette.responses import JSONResponse
 from starlette.routing import Match
@@ -58,6 +58,13 @@ TRUNCATED = Counter("embedding_truncated_texts_total",
                     "Texts cut at the model's token limit for HTTP answers (the x-truncated-texts headers)")
 REJECTIONS = Counter("embedding_rejections_total", "HTTP requests refused, by reason", ["reason"])
 
+CACHE_HITS = Counter("embedding_cache_hits_total", "Texts answered from the embedding cache (every protocol)")
+CACHE_MISSES = Counter("embedding_cache_misses_total",
+                       "Texts not in the embedding cache: computed, or joined to the same text's computation in flight")
+CACHE_EVICTIONS = Counter("embedding_cache_evictions_total", "Entries dropped from the embedding cache to make room")
+CACHE_BYTES = Gauge("embedding_cache_bytes", "Memory held by the embedding cache's entries (EMBEDDING_CACHE_MB bounds it)")
+CACHE_ENTRIES = Gauge("embedding_cache_entries", "Texts in the embedding cache")
+
 REJECTION_REASONS = ("auth_missing", "auth_invalid", "limits", "invalid_input", "overloaded", "unavailable")
 for _reason in REJECTION_REASONS:
     REJECTIONS.labels(_reason)  # every reason is scraped from the start, at 0
@@ -75,6 +82,19 @@ def observe_batch(texts: int, tokens: int, seconds: float) -> None:
 def observe_queue_wait(seconds: float) -> None:
     """How long one request waited before its first batch ran (the x-queue-time header)."""
     QUEUE_SECONDS.observe(seconds)
+
+
+def observe_cache_lookups(hits: int, misses: int) -> None:
+    """One request's texts looked up in the embedding cache."""
+    CACHE_HITS.inc(hits)
+    CACHE_MISSES.inc(misses)
+
+
+def observe_cache_size(size_bytes: int, entries: int, evicted: int) -> None:
+    """The embedding cache after an entry was added (and ``evicted`` older ones dropped)."""
+    CACHE_BYTES.set(size_bytes)
+    CACHE_ENTRIES.set(entries)
+    CACHE_EVICTIONS.inc(evicted)
 
 
 def accepted_request_id(value: str | None) -> str:

@@ -18,10 +18,11 @@ from embedding_server.operations.settings import Limits
 INPUT_NAME = "text"
 OUTPUT_NAME = "embedding"
 COMPUTE_TEXTS = "x-compute-texts"
+COMPUTED_TEXTS = "x-computed-texts"  # of those, the texts the model computed for this request (not cached)
 COMPUTE_TOKENS = "x-compute-tokens"
 TRUNCATED_TEXTS = "x-truncated-texts"
 BINARY = "application/octet-stream"  # the media type of V2 binary-extension bodies
-COST_HEADERS = (COMPUTE_TEXTS, COMPUTE_TOKENS, TRUNCATED_TEXTS, "x-compute-time", "x-queue-time")
+COST_HEADERS = (COMPUTE_TEXTS, COMPUTED_TEXTS, COMPUTE_TOKENS, TRUNCATED_TEXTS, "x-compute-time", "x-queue-time")
 
 
 def parse_json(body: bytes) -> Any:
@@ -265,6 +266,7 @@ def cost_headers(embedded: Embedded) -> dict[str, str]:
     """What a request cost, in the headers TEI uses (times in milliseconds)."""
     return {
         COMPUTE_TEXTS: str(len(embedded.embeddings)),
+        COMPUTED_TEXTS: str(embedded.computed),
         COMPUTE_TOKENS: str(embedded.tokens),
         TRUNCATED_TEXTS: str(embedded.truncated),
         "x-compute-time": f"{embedded.compute_seconds * 1000:.3f}",

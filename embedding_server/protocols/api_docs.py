@@ -34,6 +34,7 @@ SWAGGER_UI_PARAMETERS = {"validatorUrl": None}
 SECURITY = [{"ApiKeyAuth": []}, {"BearerAuth": []}]  # either one
 COST_HEADER_DOCS = {
     "x-compute-texts": "Texts embedded",
+    "x-computed-texts": "Of those, texts the model computed for this request (the others came from the embedding cache)",
     "x-compute-tokens": "Tokens embedded, after truncation",
     "x-truncated-texts": "Texts cut at the model's token limit",
     "x-compute-time": "Model time in milliseconds",
