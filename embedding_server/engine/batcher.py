@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from embedding_server.engine.backends import EXACT, Backend, ShapeGrid, Tokenized
+from embedding_server.engine.backends import Backend
+from embedding_server.engine.tokens import EXACT, ShapeGrid, Tokenized
 from embedding_server.operations.observability import observe_batch, observe_queue_wait
 from embedding_server.operations.settings import DEFAULT_MAX_BATCH_TOKENS, Limits
 

@@ -15,6 +15,9 @@ DEFAULT_GRPC_PORT = 8081
 DEFAULT_MAX_BATCH_TOKENS = 2048
 TRUE_WORDS = {"1", "true", "yes", "on"}
 FALSE_WORDS = {"0", "false", "no", "off", ""}
+# The runtimes and precisions the engine offers (BACKEND, PRECISION); each setting also takes "auto".
+BACKENDS = ("torch", "onnx", "openvino")
+PRECISIONS = ("fp32", "bf16")
 
 
 class SettingsError(ValueError):
@@ -181,8 +184,8 @@ class Settings:
             model_path=env.get("MODEL_PATH", "").strip() or default_model_path(),
             model_name=env.get("MODEL_NAME", "").strip() or DEFAULT_MODEL_NAME,
             trust_remote_code=_flag(env, "TRUST_REMOTE_CODE", False),
-            backend=_choice(env, "BACKEND", "auto", ("auto", "torch", "onnx", "openvino")),
-            precision=_choice(env, "PRECISION", "auto", ("auto", "fp32", "bf16")),
+            backend=_choice(env, "BACKEND", "auto", ("auto", *BACKENDS)),
+            precision=_choice(env, "PRECISION", "auto", ("auto", *PRECISIONS)),
             cache_dir=read_cache_dir(env),
             max_batch_tokens=_int(env, "MAX_BATCH_TOKENS", DEFAULT_MAX_BATCH_TOKENS, minimum=256),
             limits=Limits.from_env(env),
