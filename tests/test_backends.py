@@ -231,7 +231,7 @@ def test_padding_follows_the_shape_grid_so_openvino_sees_few_shapes() -> None:
     assert mask.sum(axis=1).tolist() == [3, 2, 9, 9]  # the added row repeats the last: no row is all padding
     assert tokens.pad([[1] * 33], pad_id=0, grid=grid)[0].shape == (1, 33)  # past the grid: as long as it is
     assert tokens.pad([[1] * 5, [1] * 3, [1]], pad_id=0)[0].shape == (3, 5)  # the exact grid adds nothing
-    assert tokens.OPENVINO_GRID.width(26) == 32 and tokens.OPENVINO_GRID.width(257) == 320
+    assert tokens.OPENVINO_GRID.width(26) == 28 and tokens.OPENVINO_GRID.width(33) == 40 and tokens.OPENVINO_GRID.width(257) == 320
     assert tokens.OPENVINO_GRID.rows(np.array([1, 3, 8, 9])).tolist() == [1, 4, 8, 16]
 
 
