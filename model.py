@@ -24,7 +24,7 @@ from embedding_server.engine.backends import create_backend
 from embedding_server.engine.batcher import Batcher, Embedded
 from embedding_server.engine.model_dir import ModelDirError, check_model_dir
 from embedding_server.operations.observability import configure_logging
-from embedding_server.operations.settings import DEFAULT_MAX_BATCH_TOKENS, Limits, Settings, SettingsError
+from embedding_server.operations.settings import DEFAULT_MAX_BATCH_TOKENS, Limits, Settings, SettingsError, Streams
 from embedding_server.protocols.adapters import (
     INPUT_NAME,
     OUTPUT_NAME,
@@ -55,7 +55,7 @@ class EmbedResult:
 class EmbeddingModel(Model):
     def __init__(self, name: str, model_path: str, backend: str = "auto", precision: str = "auto",
                  max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS, limits: Limits | None = None, threads: int | None = None,
-                 cache_dir: str | None = None, trust_remote_code: bool = False):
+                 cache_dir: str | None = None, trust_remote_code: bool = False, streams: Streams | None = None):
         super().__init__(name, return_response_headers=True)
         self.model_path = model_path
         self.trust_remote_code = trust_remote_code  # the model's own Python code may run (model_dir.py decides)
@@ -65,16 +65,18 @@ class EmbeddingModel(Model):
         self.limits = limits or Limits()
         self.threads = threads  # None: every core this process may use
         self.cache_dir = cache_dir  # where converted models are kept; None: the backends' default
+        self.streams = streams or Streams()
         self.backend = None
         self.batcher: Batcher | None = None
 
     def load(self) -> bool:
         self.backend = create_backend(self.model_path, backend=self.backend_name, precision=self.precision,
                                       threads=self.threads, cache_dir=self.cache_dir,
-                                      trust_remote_code=self.trust_remote_code)
+                                      trust_remote_code=self.trust_remote_code, streams=self.streams.streams)
         self.batcher = Batcher(self.backend, max_batch_tokens=self.max_batch_tokens,
                                max_queued_texts=self.limits.max_queued_texts,
-                               max_queue_seconds=self.limits.max_queue_seconds)
+                               max_queue_seconds=self.limits.max_queue_seconds, streams=self.backend.streams,
+                               streams_queue_tokens=self.streams.queue_tokens)
         logger.info("Loaded %s from %s with backend %s (%d dims, %d tokens max)", self.name, self.model_path,
                     self.backend.name, self.backend.dimension, self.backend.max_seq_length)
         self.ready = True
@@ -171,7 +173,8 @@ def main(argv: list[str] | None = None) -> None:
 
     model = EmbeddingModel(args.model_name, model_dir.path, backend=args.backend, precision=args.precision,
                            max_batch_tokens=settings.max_batch_tokens, limits=settings.limits,
-                           cache_dir=settings.cache_dir, trust_remote_code=model_dir.has_code)
+                           cache_dir=settings.cache_dir, trust_remote_code=model_dir.has_code,
+                           streams=settings.streams)
     load_or_exit(model)
     server: ModelServer = create_server(model, settings, args, dimension=model.backend.dimension)
     server.start([model])

@@ -222,6 +222,22 @@ def test_cache_dir_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch, t
     assert export_cache.model_cache_dir(model_path).parent == Path.home() / ".cache" / "embedding-server"
 
 
+def test_openvino_streams_run_batches_side_by_side_with_the_same_results(model_path: str, cache_dir: Path,
+                                                                          texts: list[str],
+                                                                          reference: np.ndarray) -> None:
+    """STREAMS: a second compiled form whose streams each take a share of the cores, run from several threads."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    backend = backends.create_backend(model_path, "openvino", "fp32", cache_dir=cache_dir, streams=2)
+    assert backend.streams == 2 and backend._parallel.get_property("NUM_STREAMS") == 2
+    assert backend._compiled.get_property("NUM_STREAMS") == 1
+    ids = [t.ids for t in backend.tokenize(texts[:16])]
+    with ThreadPoolExecutor(2) as pool:
+        halves = list(pool.map(lambda half: backend.embed(half, parallel=True), [ids[:8], ids[8:]]))
+    assert np.min(_cosines(np.concatenate(halves), reference[:16])) >= MIN_COSINE["fp32"]
+    assert backends.create_backend(model_path, "openvino", "fp32", cache_dir=cache_dir, streams=1)._parallel is None
+
+
 def test_padding_follows_the_shape_grid_so_openvino_sees_few_shapes() -> None:
     """OpenVINO prepares kernels per input shape; a grid of widths and power-of-two rows makes shapes repeat."""
     grid = tokens.ShapeGrid(widths=(8, 16, 32), pow2_rows=True)

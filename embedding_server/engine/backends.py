@@ -26,10 +26,14 @@ GATED = {("torch", "fp32"), ("torch", "bf16"), ("onnx", "fp32"), ("openvino", "f
 
 
 class Backend(Protocol):
+    """What the batcher uses. A backend whose ``streams`` is above 1 also takes ``embed(batch, parallel=True)``
+    from up to that many threads at once, each batch on a share of the cores."""
+
     name: str
     dimension: int
     max_seq_length: int
     shapes: ShapeGrid  # embed pads each batch up to its shape in this grid
+    streams: int
 
     def tokenize(self, texts: list[str]) -> list[Tokenized]: ...
 
@@ -60,14 +64,15 @@ def resolve(backend: str = "auto", precision: str = "auto", flags: set[str] | No
 
 def create_backend(model_path: str, backend: str = "auto", precision: str = "auto",
                    cache_dir: str | os.PathLike[str] | None = None, threads: int | None = None,
-                   trust_remote_code: bool = False) -> Backend:
+                   trust_remote_code: bool = False, streams: int = 1) -> Backend:
     """The backend a setting names; ``auto`` picks the fastest that passes the fidelity gate on this CPU.
 
     With ``auto``, a missing optional runtime (openvino, onnxruntime) falls back to the next one and finally
     to torch fp32; a backend named explicitly must be installed or this raises. An export cache that can be
     neither read nor rebuilt (ExportCacheError) falls back to torch fp32 whatever the setting: a server that
     starts slower beats one that does not start. A model that runs its own code (``trust_remote_code``) runs on
-    torch: the exported graphs are traced from sentence-transformers' own modules.
+    torch: the exported graphs are traced from sentence-transformers' own modules. ``streams`` (OpenVINO only; 0 for
+    OpenVINO's choice) is how many batches may run at once, each on a share of the cores.
     """
     if trust_remote_code:
         if backend not in ("auto", "torch"):
@@ -86,7 +91,8 @@ def create_backend(model_path: str, backend: str = "auto", precision: str = "aut
             elif name == "onnx":
                 built = OnnxBackend(model_path, precision=chosen, cache_dir=cache_dir, threads=threads)
             else:
-                built = OpenVINOBackend(model_path, precision=chosen, cache_dir=cache_dir, threads=threads)
+                built = OpenVINOBackend(model_path, precision=chosen, cache_dir=cache_dir, threads=threads,
+                                        streams=streams)
         except ImportError as exc:
             if (name, chosen) == candidates[-1]:
                 raise
@@ -97,6 +103,7 @@ def create_backend(model_path: str, backend: str = "auto", precision: str = "aut
                 candidates.append(("torch", "fp32"))
             logger.warning("backend %s unavailable (%s); trying the next", name, exc)
             continue
-        logger.info("backend %s, %d threads", built.name, threads or usable_cpus())
+        logger.info("backend %s, %d threads, up to %d batches at once", built.name, threads or usable_cpus(),
+                    built.streams)
         return built
     raise RuntimeError("no backend could be built")

@@ -133,6 +133,22 @@ class Connections:
         )
 
 
+@dataclass(frozen=True)
+class Streams:
+    """How many micro-batches run at once: one with every core while the queue is short (single-text latency),
+    several, each on a share of the cores, once it is deep (throughput). bench/README.md has the measurements."""
+
+    streams: int = 0  # batches at once under a deep queue; 0: the runtime's choice for this CPU, 1: always one
+    queue_tokens: int = 4096  # tokens admitted and not yet computed from which a round runs on several streams
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> Streams:
+        return cls(
+            streams=_int(env, "STREAMS", cls.streams, minimum=0),
+            queue_tokens=_int(env, "STREAMS_QUEUE_TOKENS", cls.queue_tokens),
+        )
+
+
 def read_admin_keys(env: Mapping[str, str], client_keys: tuple[str, ...]) -> tuple[str, ...]:
     """ADMIN_API_KEY: turns on the model-repository extension, for this key only; never one of the client keys."""
     key = env.get("ADMIN_API_KEY", "").strip()
@@ -162,6 +178,7 @@ class Settings:
     cache_dir: str | None
     max_batch_tokens: int
     limits: Limits
+    streams: Streams
     connections: Connections
     admin_api_keys: tuple[str, ...]
     grace_period: int
@@ -189,6 +206,7 @@ class Settings:
             cache_dir=read_cache_dir(env),
             max_batch_tokens=_int(env, "MAX_BATCH_TOKENS", DEFAULT_MAX_BATCH_TOKENS, minimum=256),
             limits=Limits.from_env(env),
+            streams=Streams.from_env(env),
             connections=Connections.from_env(env),
             admin_api_keys=read_admin_keys(env, keys),
             grace_period=_int(env, "GRACE_PERIOD", DEFAULT_GRACE_PERIOD),
@@ -202,7 +220,7 @@ class Settings:
             f"http_port={self.http_port}, grpc_port={self.grpc_port}, model_path={self.model_path!r}, "
             f"model_name={self.model_name!r}, trust_remote_code={self.trust_remote_code}, backend={self.backend!r}, precision={self.precision!r}, "
             f"cache_dir={self.cache_dir!r}, "
-            f"max_batch_tokens={self.max_batch_tokens}, limits={self.limits}, connections={self.connections}, "
+            f"max_batch_tokens={self.max_batch_tokens}, limits={self.limits}, streams={self.streams}, connections={self.connections}, "
             f"admin_api_keys=<{len(self.admin_api_keys)} hidden>, grace_period={self.grace_period}, "
             f"log_level={self.log_level!r}, log_format={self.log_format!r})"
         )
