@@ -35,7 +35,7 @@ def test_keys_from_every_source_without_duplicates(tmp_path):
     ({"BACKEND": "gpu"}, "BACKEND"),
     ({"PRECISION": "int8"}, "PRECISION"),
     ({"STREAMS": "-1"}, "STREAMS"),
-    ({"STREAMS_QUEUE_TOKENS": "0"}, "STREAMS_QUEUE_TOKENS"),
+    ({"STREAMS_QUEUE_TOKENS": "-5"}, "STREAMS_QUEUE_TOKENS"),
     ({"API_KEY_FILE": "/no/such/file"}, "API_KEY_FILE"),
 ])
 def test_bad_values_name_the_setting(env, name):
@@ -44,7 +44,7 @@ def test_bad_values_name_the_setting(env, name):
 
 
 def test_streams_default_to_the_runtimes_choice_under_a_deep_queue():
-    assert Settings.from_env({"API_KEY": "k"}).streams == Streams(streams=0, queue_tokens=4096)
+    assert Settings.from_env({"API_KEY": "k"}).streams == Streams(streams=0, queue_tokens=0)
     settings = Settings.from_env({"API_KEY": "k", "STREAMS": "1", "STREAMS_QUEUE_TOKENS": "8192"})
     assert settings.streams == Streams(streams=1, queue_tokens=8192)
 

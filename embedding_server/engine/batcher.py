@@ -140,7 +140,8 @@ class Batcher:
                  max_queue_seconds: float = Limits.max_queue_seconds, throughput: Throughput | None = None,
                  streams: int = 1, streams_queue_tokens: int = Streams.queue_tokens):
         """``streams``: batches the backend can run at once (its ``streams``), used from ``streams_queue_tokens``
-        tokens admitted and not yet computed; below that, one batch at a time on every core."""
+        tokens admitted and not yet computed (0: ``streams`` full batches); below, one batch at a time on every
+        core."""
         self.backend = backend
         self.max_batch_tokens = max_batch_tokens
         self.max_queued_texts = max_queued_texts
@@ -152,7 +153,7 @@ class Batcher:
         self._wakeup: asyncio.Event | None = None
         self._worker: asyncio.Task | None = None
         self.streams = streams
-        self.streams_queue_tokens = streams_queue_tokens
+        self.streams_queue_tokens = streams_queue_tokens or streams * max_batch_tokens
         # One thread a stream runs the model (its own intra-op threads use the cores); another tokenizes,
         # so that tokenizing the next requests overlaps with the forward pass.
         self._infer_pool = ThreadPoolExecutor(max_workers=streams, thread_name_prefix="infer")
@@ -245,7 +246,7 @@ class Batcher:
 
     def _take_round(self) -> list[tuple[_Request, int]]:
         """The oldest rows, up to the round's token budget (at least one row)."""
-        budget = min(ROUND_BATCHES * self.max_batch_tokens,
+        budget = min(max(ROUND_BATCHES, self.streams) * self.max_batch_tokens,  # a batch for every stream
                      self.throughput.tokens_per_second * self.max_queue_seconds * ROUND_SHARE_OF_BOUND)
         round_: list[tuple[_Request, int]] = []
         tokens = 0

@@ -139,13 +139,15 @@ class Streams:
     several, each on a share of the cores, once it is deep (throughput). bench/README.md has the measurements."""
 
     streams: int = 0  # batches at once under a deep queue; 0: the runtime's choice for this CPU, 1: always one
-    queue_tokens: int = 4096  # tokens admitted and not yet computed from which a round runs on several streams
+    # Tokens admitted and not yet computed from which a round runs on several streams; 0: a full batch for every
+    # stream (streams x MAX_BATCH_TOKENS, 4096 on 2 cores), so that no stream of a share of the cores idles.
+    queue_tokens: int = 0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Streams:
         return cls(
             streams=_int(env, "STREAMS", cls.streams, minimum=0),
-            queue_tokens=_int(env, "STREAMS_QUEUE_TOKENS", cls.queue_tokens),
+            queue_tokens=_int(env, "STREAMS_QUEUE_TOKENS", cls.queue_tokens, minimum=0),
         )
 
 
