@@ -63,7 +63,7 @@ ENV HF_HUB_OFFLINE=1 \
 # Bytecode for the modules a start imports (the server and OpenVINO; not torch, which only the conversion and the
 # fallback backend load), so that starts on a read-only root do not compile them; the rest compiles in memory.
 RUN pip install --no-cache-dir --no-deps --no-build-isolation --editable /app \
-    && python -m embedding_server.engine.backends --prebuild --backend openvino \
+    && python -m embedding_server.engine.export_cache --prebuild --backend openvino \
     && python -c "import os, py_compile, sys, model, embedding_server.server, openvino; [py_compile.compile(f, doraise=True) for f in {getattr(m, '__file__', None) or '' for m in list(sys.modules.values())} if f.endswith('.py') and os.path.isfile(f)]" \
     && python -m compileall -q /app
 
@@ -72,7 +72,7 @@ WORKDIR /app
 COPY . /app
 ENV HF_HUB_OFFLINE=1 \
     CACHE_DIR=/opt/cache
-RUN python -m embedding_server.engine.backends --prebuild --backend onnx
+RUN python -m embedding_server.engine.export_cache --prebuild --backend onnx
 
 FROM ${PYTHON_IMAGE} AS server
 RUN groupadd --system --gid 10001 app \

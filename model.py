@@ -39,6 +39,7 @@ from embedding_server.operations.settings import (
     Limits,
     Settings,
     SettingsError,
+    Streams,
 )
 from embedding_server.protocols.adapters import (
     INPUT_NAME,
@@ -81,7 +82,7 @@ class EmbeddingModel(Model):
     def __init__(self, name: str, model_path: str, backend: str = "auto", precision: str = "auto",
                  max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS, limits: Limits | None = None, threads: int | None = None,
                  cache_dir: str | None = None, trust_remote_code: bool = False,
-                 embedding_cache_mb: int = DEFAULT_EMBEDDING_CACHE_MB):
+                 embedding_cache_mb: int = DEFAULT_EMBEDDING_CACHE_MB, streams: Streams | None = None):
         super().__init__(name, return_response_headers=True)
         self.model_path = model_path
         self.trust_remote_code = trust_remote_code  # the model's own Python code may run (model_dir.py decides)
@@ -91,6 +92,7 @@ class EmbeddingModel(Model):
         self.limits = limits or Limits()
         self.threads = threads  # None: every core this process may use
         self.cache_dir = cache_dir  # where converted models are kept; None: the backends' default
+        self.streams = streams or Streams()
         self.backend = None
         self.batcher: Batcher | None = None
         self.embedding_cache_mb = embedding_cache_mb  # 0: no cache
@@ -99,10 +101,11 @@ class EmbeddingModel(Model):
     def load(self) -> bool:
         self.backend = create_backend(self.model_path, backend=self.backend_name, precision=self.precision,
                                       threads=self.threads, cache_dir=self.cache_dir,
-                                      trust_remote_code=self.trust_remote_code)
+                                      trust_remote_code=self.trust_remote_code, streams=self.streams.streams)
         self.batcher = Batcher(self.backend, max_batch_tokens=self.max_batch_tokens,
                                max_queued_texts=self.limits.max_queued_texts,
-                               max_queue_seconds=self.limits.max_queue_seconds)
+                               max_queue_seconds=self.limits.max_queue_seconds, streams=self.backend.streams,
+                               streams_queue_tokens=self.streams.queue_tokens)
         cache = None
         if self.embedding_cache_mb:
             model_id = model_identity(self.model_path, self.backend.name, self.backend.max_seq_length)
@@ -206,7 +209,7 @@ def main(argv: list[str] | None = None) -> None:
     model = EmbeddingModel(args.model_name, model_dir.path, backend=args.backend, precision=args.precision,
                            max_batch_tokens=settings.max_batch_tokens, limits=settings.limits,
                            cache_dir=settings.cache_dir, trust_remote_code=model_dir.has_code,
-                           embedding_cache_mb=settings.embedding_cache_mb)
+                           embedding_cache_mb=settings.embedding_cache_mb, streams=settings.streams)
     load_or_exit(model)
     server: ModelServer = create_server(model, settings, args, dimension=model.backend.dimension)
     server.start([model])

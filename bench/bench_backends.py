@@ -17,7 +17,7 @@ import time
 
 import numpy as np
 
-from embedding_server.engine import backends, corpus
+from embedding_server.engine import backends, corpus, cpu
 from embedding_server.engine.batcher import plan_batches
 from embedding_server.operations.settings import DEFAULT_MAX_BATCH_TOKENS
 
@@ -91,7 +91,7 @@ def main() -> int:
 
 
 def usable_cpus_text() -> str:
-    return (f"{backends.usable_cpus()} threads, bf16 native: {backends.has_bf16()}, "
+    return (f"{cpu.usable_cpus()} threads, bf16 native: {cpu.has_bf16()}, "
             f"auto resolves to {'-'.join(backends.resolve())}")
 
 

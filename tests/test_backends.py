@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from conftest import NO_FILE_OVERRIDES
-from embedding_server.engine import backends, corpus
+from embedding_server.engine import backends, corpus, cpu, export_cache, tokens
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -62,7 +62,7 @@ def cache_dir(tmp_path_factory: pytest.TempPathFactory, model_path: str) -> Path
     """Filled by the same command a Docker build runs, so the tests prove the prebuilt cache is what loads."""
     folder = tmp_path_factory.mktemp("embedding-cache")
     result = subprocess.run(
-        [sys.executable, "-m", "embedding_server.engine.backends", "--prebuild", "--model-path", model_path, "--cache-dir", str(folder)],
+        [sys.executable, "-m", "embedding_server.engine.export_cache", "--prebuild", "--model-path", model_path, "--cache-dir", str(folder)],
         capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
     assert result.returncode == 0, result.stderr[-2000:]
@@ -164,7 +164,7 @@ def test_pooling_and_normalisation_follow_the_model_config(name: str, precision:
     out = _embed_all(backend, sample)
     assert np.min(_cosines(out, expected)) >= MIN_COSINE[precision]
     norms, expected_norms = np.linalg.norm(out, axis=1), np.linalg.norm(expected, axis=1)
-    # OpenVINO stores weights as fp16 (backends._export_openvino): lengths agree to ~2e-4 in fp32, not 1e-5.
+    # OpenVINO stores weights as fp16 (export_cache._export_openvino): lengths agree to ~2e-4 in fp32, not 1e-5.
     rtol = 1e-2 if precision == "bf16" else 1e-3 if name == "openvino" else 1e-4
     np.testing.assert_allclose(norms, expected_norms, rtol=rtol)
     assert np.all(np.abs(norms - 1.0) > 0.05), "no Normalize module, so the output must not be unit length"
@@ -173,13 +173,13 @@ def test_pooling_and_normalisation_follow_the_model_config(name: str, precision:
 
 def test_each_model_gets_its_own_cache_folder_and_exports_once(model_path: str, cls_model_path: Path,
                                                                cache_dir: Path) -> None:
-    first = backends.model_cache_dir(model_path, cache_dir)
-    assert first != backends.model_cache_dir(str(cls_model_path), cache_dir)
+    first = export_cache.model_cache_dir(model_path, cache_dir)
+    assert first != export_cache.model_cache_dir(str(cls_model_path), cache_dir)
     for part in ("onnx/model.onnx", "onnx/tokenizer.json", "onnx/meta.json", "openvino/model.xml", "openvino/model.bin"):
         assert (first / part).is_file(), part
     stamp = (first / "onnx" / "model.onnx").stat().st_mtime_ns
-    assert backends.ensure_onnx(model_path, cache_dir) == first / "onnx"
-    assert backends.ensure_openvino(model_path, cache_dir) == first / "openvino"
+    assert export_cache.ensure("onnx", model_path, cache_dir) == first / "onnx"
+    assert export_cache.ensure("openvino", model_path, cache_dir) == first / "openvino"
     assert (first / "onnx" / "model.onnx").stat().st_mtime_ns == stamp
     assert not [p for p in first.parent.iterdir() if p.name.startswith(".")], "no half-built folders left behind"
 
@@ -203,7 +203,7 @@ def test_every_backend_uses_the_usable_cpus_as_threads(built) -> None:
     import openvino as ov
     import torch
 
-    cpus = backends.usable_cpus()
+    cpus = cpu.usable_cpus()
     built("torch", "fp32")
     assert torch.get_num_threads() == cpus
     assert built("onnx", "fp32")._session.get_session_options().intra_op_num_threads == cpus
@@ -211,28 +211,44 @@ def test_every_backend_uses_the_usable_cpus_as_threads(built) -> None:
         compiled = built("openvino", precision)._compiled
         assert compiled.get_property("INFERENCE_NUM_THREADS") == cpus
         # Asked for bf16, OpenVINO computes bf16 only where the CPU has it natively, and reports f32 elsewhere.
-        native = precision == "bf16" and backends.has_bf16()
+        native = precision == "bf16" and cpu.has_bf16()
         assert compiled.get_property("INFERENCE_PRECISION_HINT") == (ov.Type.bf16 if native else ov.Type.f32)
 
 
 def test_cache_dir_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, model_path: str) -> None:
     monkeypatch.setenv("CACHE_DIR", str(tmp_path))
-    assert backends.model_cache_dir(model_path).parent == tmp_path
+    assert export_cache.model_cache_dir(model_path).parent == tmp_path
     monkeypatch.delenv("CACHE_DIR")
-    assert backends.model_cache_dir(model_path).parent == Path.home() / ".cache" / "embedding-server"
+    assert export_cache.model_cache_dir(model_path).parent == Path.home() / ".cache" / "embedding-server"
+
+
+def test_openvino_streams_run_batches_side_by_side_with_the_same_results(model_path: str, cache_dir: Path,
+                                                                          texts: list[str],
+                                                                          reference: np.ndarray) -> None:
+    """STREAMS: a second compiled form whose streams each take a share of the cores, run from several threads."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    backend = backends.create_backend(model_path, "openvino", "fp32", cache_dir=cache_dir, streams=2)
+    assert backend.streams == 2 and backend._parallel.get_property("NUM_STREAMS") == 2
+    assert backend._compiled.get_property("NUM_STREAMS") == 1
+    ids = [t.ids for t in backend.tokenize(texts[:16])]
+    with ThreadPoolExecutor(2) as pool:
+        halves = list(pool.map(lambda half: backend.embed(half, parallel=True), [ids[:8], ids[8:]]))
+    assert np.min(_cosines(np.concatenate(halves), reference[:16])) >= MIN_COSINE["fp32"]
+    assert backends.create_backend(model_path, "openvino", "fp32", cache_dir=cache_dir, streams=1)._parallel is None
 
 
 def test_padding_follows_the_shape_grid_so_openvino_sees_few_shapes() -> None:
     """OpenVINO prepares kernels per input shape; a grid of widths and power-of-two rows makes shapes repeat."""
-    grid = backends.ShapeGrid(widths=(8, 16, 32), pow2_rows=True)
-    input_ids, mask = backends.pad([[101, 7, 102], [101, 102], [101, 5, 6, 7, 8, 9, 102, 4, 102]], pad_id=0, grid=grid)
+    grid = tokens.ShapeGrid(widths=(8, 16, 32), pow2_rows=True)
+    input_ids, mask = tokens.pad([[101, 7, 102], [101, 102], [101, 5, 6, 7, 8, 9, 102, 4, 102]], pad_id=0, grid=grid)
     assert input_ids.shape == mask.shape == (4, 16)
     assert input_ids[0, :3].tolist() == [101, 7, 102] and not input_ids[0, 3:].any()
     assert mask.sum(axis=1).tolist() == [3, 2, 9, 9]  # the added row repeats the last: no row is all padding
-    assert backends.pad([[1] * 33], pad_id=0, grid=grid)[0].shape == (1, 33)  # past the grid: as long as it is
-    assert backends.pad([[1] * 5, [1] * 3, [1]], pad_id=0)[0].shape == (3, 5)  # the exact grid adds nothing
-    assert backends.OPENVINO_GRID.width(26) == 32 and backends.OPENVINO_GRID.width(257) == 320
-    assert backends.OPENVINO_GRID.rows(np.array([1, 3, 8, 9])).tolist() == [1, 4, 8, 16]
+    assert tokens.pad([[1] * 33], pad_id=0, grid=grid)[0].shape == (1, 33)  # past the grid: as long as it is
+    assert tokens.pad([[1] * 5, [1] * 3, [1]], pad_id=0)[0].shape == (3, 5)  # the exact grid adds nothing
+    assert tokens.OPENVINO_GRID.width(26) == 28 and tokens.OPENVINO_GRID.width(33) == 40 and tokens.OPENVINO_GRID.width(257) == 320
+    assert tokens.OPENVINO_GRID.rows(np.array([1, 3, 8, 9])).tolist() == [1, 4, 8, 16]
 
 
 # --- the export cache across users and when broken -----------------------------------------------------------
@@ -268,7 +284,7 @@ def test_a_cache_prebuilt_by_root_under_a_strict_umask_serves_another_user(model
         top = Path(scratch)
         top.chmod(0o755)
         cache, home, tmp = top / "cache", top / "home", top / "tmp"
-        result = subprocess.run([sys.executable, "-m", "embedding_server.engine.backends", "--prebuild", "--model-path", model_path,
+        result = subprocess.run([sys.executable, "-m", "embedding_server.engine.export_cache", "--prebuild", "--model-path", model_path,
                                  "--cache-dir", str(cache)], capture_output=True, text=True, timeout=900,
                                 env={**os.environ, "HF_HUB_OFFLINE": "1"}, umask=0o077)
         assert result.returncode == 0, result.stderr[-2000:]
@@ -318,16 +334,16 @@ def test_a_broken_cache_is_rebuilt_privately_with_one_warning(damage, model_path
                                                               reference: np.ndarray, tmp_path: Path,
                                                               monkeypatch: pytest.MonkeyPatch,
                                                               caplog: pytest.LogCaptureFixture) -> None:
-    fingerprint = backends.model_cache_dir(model_path, cache_dir).name
+    fingerprint = export_cache.model_cache_dir(model_path, cache_dir).name
     copy = tmp_path / "cache"
     shutil.copytree(cache_dir / fingerprint / "openvino", copy / fingerprint / "openvino")
     damage(copy / fingerprint / "openvino")
-    monkeypatch.setattr(backends, "user_cache_root", lambda: private_root)
-    with caplog.at_level(logging.WARNING, logger=backends.logger.name):
+    monkeypatch.setattr(export_cache, "user_cache_root", lambda: private_root)
+    with caplog.at_level(logging.WARNING, logger=export_cache.logger.name):
         backend = backends.create_backend(model_path, "openvino", "fp32", cache_dir=copy)
     assert backend.name == "openvino-fp32"
     assert np.min(_cosines(_embed_all(backend, texts[:8]), reference[:8])) >= MIN_COSINE["fp32"]
-    warnings = [r.getMessage() for r in caplog.records if r.name == backends.logger.name and r.levelno >= logging.WARNING]
+    warnings = [r.getMessage() for r in caplog.records if r.name == export_cache.logger.name and r.levelno >= logging.WARNING]
     assert len(warnings) == 1 and "unusable" in warnings[0] and str(private_root) in warnings[0], warnings
     assert (private_root / fingerprint / "openvino" / "model.xml").is_file()
 
@@ -339,8 +355,8 @@ def test_a_cache_that_cannot_be_rebuilt_either_falls_back_to_torch(model_path: s
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
     # Neither the cache nor the private rebuild can be written (a file where a folder should be: root ignores modes).
-    monkeypatch.setattr(backends, "user_cache_root", lambda: blocker / "embedding-server")
-    with caplog.at_level(logging.WARNING, logger=backends.logger.name):
+    monkeypatch.setattr(export_cache, "user_cache_root", lambda: blocker / "embedding-server")
+    with caplog.at_level(logging.WARNING, logger=export_cache.logger.name):
         backend = backends.create_backend(model_path, "auto", "auto", cache_dir=blocker / "cache")
     assert backend.name == "torch-fp32"
     assert np.min(_cosines(_embed_all(backend, texts[:8]), reference[:8])) >= MIN_COSINE["fp32"]
@@ -352,9 +368,9 @@ def test_the_private_rebuild_refuses_a_folder_it_does_not_own(tmp_path: Path) ->
     planted.mkdir()
     os.chown(planted, SERVER_UID, SERVER_UID)
     with pytest.raises(PermissionError):
-        backends._own_folder(planted)
+        export_cache._own_folder(planted)
     (tmp_path / "link").symlink_to(tmp_path)
     with pytest.raises(PermissionError):
-        backends._own_folder(tmp_path / "link")
-    assert backends._own_folder(tmp_path / "mine") == tmp_path / "mine"
+        export_cache._own_folder(tmp_path / "link")
+    assert export_cache._own_folder(tmp_path / "mine") == tmp_path / "mine"
     assert stat.S_IMODE((tmp_path / "mine").stat().st_mode) == 0o700

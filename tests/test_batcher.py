@@ -7,8 +7,9 @@ import threading
 import pytest
 
 from conftest import cosines
-from embedding_server.engine.backends import ShapeGrid, TorchBackend
 from embedding_server.engine.batcher import Batcher, Overloaded, Throughput, plan_batches
+from embedding_server.engine.runtimes import TorchBackend
+from embedding_server.engine.tokens import ShapeGrid
 
 
 def test_plan_batches_sorts_longest_first_within_the_budget():
@@ -72,19 +73,23 @@ class CountingBackend:
         return self.inner.embed(batch)
 
 
-def test_concurrent_requests_are_batched_and_routed_back_in_order(backend, reference):
-    counting = CountingBackend(backend)
-    # Five lengths shared by every request: each length makes one batch that mixes all twelve requests.
-    requests = [[f"request {r} text {i} " + "word " * (i * 9) for i in range(5)] for r in range(12)]
-
+def embed_concurrently(batcher: Batcher, requests: list[list[str]]) -> list:
+    """Every request sent at once to the batcher, which is closed afterwards."""
     async def run():
-        batcher = Batcher(counting, max_batch_tokens=4096)
         try:
             return await asyncio.gather(*(batcher.embed(texts) for texts in requests))
         finally:
             batcher.close()
 
-    results = asyncio.run(run())
+    return asyncio.run(run())
+
+
+def test_concurrent_requests_are_batched_and_routed_back_in_order(backend, reference):
+    counting = CountingBackend(backend)
+    # Five lengths shared by every request: each length makes one batch that mixes all twelve requests.
+    requests = [[f"request {r} text {i} " + "word " * (i * 9) for i in range(5)] for r in range(12)]
+
+    results = embed_concurrently(Batcher(counting, max_batch_tokens=4096), requests)
     for texts, result in zip(requests, results):
         assert result.embeddings.shape == (5, 384)
         assert cosines(result.embeddings, reference(texts)).min() >= 0.99999
@@ -328,3 +333,43 @@ def test_a_request_whose_turn_comes_after_its_bound_is_refused_then(backend):
     assert first.embeddings.shape == (1, 384)
     assert isinstance(second, Overloaded) and "MAX_QUEUE_SECONDS" in str(second) and second.retry_after >= 1
     assert queued == 0
+
+
+class StreamsBackend(CountingBackend):
+    """The real backend offering two streams; records how many batches ran at once and on which form."""
+
+    streams = 2
+
+    def __init__(self, backend):
+        super().__init__(backend)
+        self.lock = threading.Lock()
+        self.running = self.most = 0
+        self.parallel: list[bool] = []
+
+    def embed(self, batch, parallel=False):
+        with self.lock:
+            self.running += 1
+            self.most = max(self.most, self.running)
+            self.parallel.append(parallel)
+        try:
+            threading.Event().wait(0.05)  # long enough for a second batch to start beside this one
+            return super().embed(batch)
+        finally:
+            with self.lock:
+                self.running -= 1
+
+
+@pytest.mark.parametrize(("queue_tokens", "wide"), [(10**6, False), (64, True)], ids=["short-queue", "deep-queue"])
+def test_several_streams_only_when_the_queue_is_deep(backend, reference, queue_tokens: int, wide: bool):
+    """Below STREAMS_QUEUE_TOKENS one batch at a time on every core; from it, batches run side by side on the
+    parallel streams. Either way every request gets its own texts' embeddings, in order."""
+    streams = StreamsBackend(backend)
+    requests = [[f"request {r} text {i} " + "word " * (i * 30) for i in range(4)] for r in range(8)]
+
+    results = embed_concurrently(Batcher(streams, max_batch_tokens=512, streams=2, streams_queue_tokens=queue_tokens),
+                                 requests)
+    for texts, result in zip(requests, results):
+        assert cosines(result.embeddings, reference(texts)).min() >= 0.99999
+    assert len(streams.batches) > 2
+    assert streams.most == (2 if wide else 1)
+    assert set(streams.parallel) == {wide}

@@ -35,7 +35,7 @@ PEAK_GROWTH_MB = 200  # bench/peak_memory.py: at most ~180 MB above a server tha
 # Instance memory in MB, from Render's pricing page.
 RENDER_PLAN_MB = {"free": 512, "starter": 512, "standard": 2048, "pro": 4096, "pro_plus": 8192,
                   "pro_max": 16384, "pro_ultra": 32768}
-# Variables that Python, pip, the venv or huggingface_hub read, rather than settings.py / backends.py.
+# Variables that Python, pip, the venv or huggingface_hub read, rather than settings.py / export_cache.py.
 RUNTIME_ENV = {"PATH", "VIRTUAL_ENV", "PYTHONDONTWRITEBYTECODE", "PYTHONUNBUFFERED", "PIP_NO_CACHE_DIR",
                "PIP_DISABLE_PIP_VERSION_CHECK", "HF_HUB_OFFLINE"}
 SECRET_ENV = {"API_KEY", "API_KEYS"}
@@ -187,7 +187,7 @@ def pip_installs(stages: list[Stage]) -> list[list[str]]:
 
 def read_by_code(name: str) -> bool:
     """Whether the server's own code reads this environment variable."""
-    sources = [ROOT / "embedding_server/operations/settings.py", ROOT / "embedding_server/engine/backends.py",
+    sources = [ROOT / "embedding_server/operations/settings.py", ROOT / "embedding_server/engine/export_cache.py",
                ROOT / "model.py"]
     return any(f'"{name}"' in path.read_text() for path in sources)
 
@@ -365,7 +365,7 @@ def test_build_context_keeps_keys_and_tests_out(tmp_path):
 
 def test_build_context_has_the_server(final):
     context = build_context(ROOT)
-    assert {"model.py", "embedding_server/operations/settings.py", "embedding_server/engine/backends.py",
+    assert {"model.py", "embedding_server/operations/settings.py", "embedding_server/engine/export_cache.py",
             "pyproject.toml", "requirements.txt"} <= context
     assert not [p for p in context if p.startswith(("tests/", ".git/", "bench/", "k8s/"))]
 
@@ -484,7 +484,7 @@ def image(tmp_path_factory, stages):
 
     logs = []
     steps = prebuild_steps(stages)
-    assert steps, "the Dockerfile should convert the model at build time (python backends.py --prebuild)"
+    assert steps, "the Dockerfile should convert the model at build time (python -m embedding_server.engine.export_cache --prebuild)"
     for argv, env in steps:
         run_env = {**mapped_env(env, paths), "HOME": str(home), **IMPORT_TRACE}
         result = subprocess.run([sys.executable, *argv[1:]], cwd=app_dir, env=run_env, capture_output=True,

@@ -28,7 +28,7 @@ import yaml
 from test_deploy import RENDER_PLAN_MB, build_context
 
 from conftest import MODEL_NAME, ROOT, TEST_KEY, LoopbackEndpoints, cosines, free_port, grpc_infer
-from embedding_server.engine import backends
+from embedding_server.engine import cpu
 
 pytestmark = pytest.mark.image
 
@@ -37,7 +37,7 @@ START_TIMEOUT = 180
 GRACE_PERIOD = 10
 IMAGE_USER = "10001"
 # OpenVINO computes bf16 where the CPU has it natively (cosine >= 0.9999 in tests/test_backends.py), fp32 elsewhere.
-FLOOR = 0.9999 if backends.has_bf16() else 0.99999
+FLOOR = 0.9999 if cpu.has_bf16() else 0.99999
 TEXTS = ["A man is eating food.", "A man is eating a piece of bread.", "A man is riding a horse.",
          "Ein Mann reitet ein Pferd."]
 

@@ -320,7 +320,7 @@ def test_the_read_only_model_directory_is_left_as_it_was(exact_run, default_run)
 
 
 def test_default_backend_converts_the_read_only_model_into_cache_dir(default_run):
-    from embedding_server.engine import backends
+    from embedding_server.engine import export_cache
 
     response = post(default_run.server, f"/v1/models/{SERVED_NAME}:predict", {"instances": TEXTS})
     assert response.status_code == 200, response.text
@@ -328,7 +328,7 @@ def test_default_backend_converts_the_read_only_model_into_cache_dir(default_run
     assert cosines(vectors, expected).min() >= 0.9999
     np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), np.linalg.norm(expected, axis=1), rtol=1e-2)
     assert "converting" in default_run.server.log()
-    folder = backends.model_cache_dir(default_run.model_dir, default_run.cache_dir)
+    folder = export_cache.model_cache_dir(default_run.model_dir, default_run.cache_dir)
     assert (folder / "openvino" / "model.xml").is_file()
     assert [p.name for p in default_run.cache_dir.iterdir()] == [folder.name], "one folder per model, no leftovers"
 

@@ -8,6 +8,7 @@ from embedding_server.operations.settings import (
     DEFAULT_MODEL_NAME,
     Settings,
     SettingsError,
+    Streams,
     read_api_keys,
 )
 
@@ -45,6 +46,9 @@ def test_keys_from_every_source_without_duplicates(tmp_path):
     ({"PORT": "0"}, "PORT"),
     ({"SHOW_API_KEY_INFO": "maybe"}, "SHOW_API_KEY_INFO"),
     ({"BACKEND": "gpu"}, "BACKEND"),
+    ({"PRECISION": "int8"}, "PRECISION"),
+    ({"STREAMS": "-1"}, "STREAMS"),
+    ({"STREAMS_QUEUE_TOKENS": "-5"}, "STREAMS_QUEUE_TOKENS"),
     ({"API_KEY_FILE": "/no/such/file"}, "API_KEY_FILE"),
     ({"EMBEDDING_CACHE_MB": "-1"}, "EMBEDDING_CACHE_MB"),
     ({"EMBEDDING_CACHE_MB": "lots"}, "EMBEDDING_CACHE_MB"),
@@ -52,6 +56,12 @@ def test_keys_from_every_source_without_duplicates(tmp_path):
 def test_bad_values_name_the_setting(env, name):
     with pytest.raises(SettingsError, match=name):
         Settings.from_env({"API_KEY": "k", **env})
+
+
+def test_streams_default_to_the_runtimes_choice_under_a_deep_queue():
+    assert Settings.from_env({"API_KEY": "k"}).streams == Streams(streams=0, queue_tokens=0)
+    settings = Settings.from_env({"API_KEY": "k", "STREAMS": "1", "STREAMS_QUEUE_TOKENS": "8192"})
+    assert settings.streams == Streams(streams=1, queue_tokens=8192)
 
 
 def test_repr_hides_keys():

@@ -21,9 +21,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from embedding_server.engine.backends import EXACT, Backend, ShapeGrid, Tokenized
+from embedding_server.engine.backends import Backend
+from embedding_server.engine.tokens import EXACT, ShapeGrid, Tokenized
 from embedding_server.operations.observability import observe_batch, observe_queue_wait
-from embedding_server.operations.settings import DEFAULT_MAX_BATCH_TOKENS, Limits
+from embedding_server.operations.settings import DEFAULT_MAX_BATCH_TOKENS, Limits, Streams
 
 logger = logging.getLogger(__name__)
 
@@ -141,7 +142,11 @@ def plan_batches(lengths: list[int], max_batch_tokens: int, call_overhead_tokens
 
 class Batcher:
     def __init__(self, backend: Backend, max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS, max_queued_texts: int = 0,
-                 max_queue_seconds: float = Limits.max_queue_seconds, throughput: Throughput | None = None):
+                 max_queue_seconds: float = Limits.max_queue_seconds, throughput: Throughput | None = None,
+                 streams: int = 1, streams_queue_tokens: int = Streams.queue_tokens):
+        """``streams``: batches the backend can run at once (its ``streams``), used from ``streams_queue_tokens``
+        tokens admitted and not yet computed (0: ``streams`` full batches); below, one batch at a time on every
+        core."""
         self.backend = backend
         self.max_batch_tokens = max_batch_tokens
         self.max_queued_texts = max_queued_texts
@@ -152,9 +157,11 @@ class Batcher:
         self._tokens = 0  # tokens admitted and not yet computed, the running round's included
         self._wakeup: asyncio.Event | None = None
         self._worker: asyncio.Task | None = None
-        # One thread runs the model (its own intra-op threads use the cores); another tokenizes,
+        self.streams = streams
+        self.streams_queue_tokens = streams_queue_tokens or streams * max_batch_tokens
+        # One thread a stream runs the model (its own intra-op threads use the cores); another tokenizes,
         # so that tokenizing the next requests overlaps with the forward pass.
-        self._infer_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="infer")
+        self._infer_pool = ThreadPoolExecutor(max_workers=streams, thread_name_prefix="infer")
         self._tokenize_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize")
 
     @property
@@ -247,7 +254,7 @@ class Batcher:
 
     def _take_round(self) -> list[tuple[_Request, int]]:
         """The oldest rows, up to the round's token budget (at least one row)."""
-        budget = min(ROUND_BATCHES * self.max_batch_tokens,
+        budget = min(max(ROUND_BATCHES, self.streams) * self.max_batch_tokens,  # a batch for every stream
                      self.throughput.tokens_per_second * self.max_queue_seconds * ROUND_SHARE_OF_BOUND)
         round_: list[tuple[_Request, int]] = []
         tokens = 0
@@ -296,16 +303,31 @@ class Batcher:
             batches = plan()
         else:
             batches = await loop.run_in_executor(self._tokenize_pool, plan)
-        computed = 0
-        for batch in batches:
-            items = [round_[k] for k in batch if not round_[k][0].future.done()]
-            if items:
-                computed += await self._run_batch(loop, items)
+        if self.streams > 1 and len(batches) > 1 and self._tokens >= self.streams_queue_tokens:
+            # A deep queue: several batches at once, each on its stream's share of the cores.
+            gate = asyncio.Semaphore(self.streams)
+
+            async def run(batch: list[int]) -> int:
+                async with gate:
+                    return await self._run_planned(loop, round_, batch, parallel=True)
+
+            computed = sum(await asyncio.gather(*(run(batch) for batch in batches)))
+        else:
+            computed = 0
+            for batch in batches:
+                computed += await self._run_planned(loop, round_, batch)
         # Wall time of the whole round, planning and the event loop's share of the cores included: the rate
         # that admission divides by is the rate at which admitted work really drains.
         self.throughput.observe(computed, time.perf_counter() - started)
 
-    async def _run_batch(self, loop: asyncio.AbstractEventLoop, items: list[tuple[_Request, int]]) -> int:
+    async def _run_planned(self, loop: asyncio.AbstractEventLoop, round_: list[tuple[_Request, int]],
+                           batch: list[int], parallel: bool = False) -> int:
+        """The rows of ``batch`` (indices into the round) whose requests still wait, run as one micro-batch."""
+        items = [round_[k] for k in batch if not round_[k][0].future.done()]
+        return await self._run_batch(loop, items, parallel) if items else 0
+
+    async def _run_batch(self, loop: asyncio.AbstractEventLoop, items: list[tuple[_Request, int]],
+                         parallel: bool = False) -> int:
         """Runs one micro-batch and answers every request whose last row it held; returns the tokens computed."""
         started = time.perf_counter()
         for req, _ in items:
@@ -313,7 +335,8 @@ class Batcher:
                 req.started = started
         ids = [req.tokenized[i].ids for req, i in items]
         try:
-            vectors = await loop.run_in_executor(self._infer_pool, self.backend.embed, ids)
+            embed = functools.partial(self.backend.embed, parallel=True) if parallel else self.backend.embed
+            vectors = await loop.run_in_executor(self._infer_pool, embed, ids)
         except Exception as exc:  # a backend failure fails the requests in this batch, not the worker
             logger.exception("inference failed for a batch of %d texts", len(items))
             for req, _ in items:

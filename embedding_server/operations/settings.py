@@ -19,6 +19,9 @@ DEFAULT_MAX_BATCH_TOKENS = 2048
 DEFAULT_EMBEDDING_CACHE_MB = 64
 TRUE_WORDS = {"1", "true", "yes", "on"}
 FALSE_WORDS = {"0", "false", "no", "off", ""}
+# The runtimes and precisions the engine offers (BACKEND, PRECISION); each setting also takes "auto".
+BACKENDS = ("torch", "onnx", "openvino")
+PRECISIONS = ("fp32", "bf16")
 
 
 class SettingsError(ValueError):
@@ -134,6 +137,24 @@ class Connections:
         )
 
 
+@dataclass(frozen=True)
+class Streams:
+    """How many micro-batches run at once: one with every core while the queue is short (single-text latency),
+    several, each on a share of the cores, once it is deep (throughput). bench/README.md has the measurements."""
+
+    streams: int = 0  # batches at once under a deep queue; 0: the runtime's choice for this CPU, 1: always one
+    # Tokens admitted and not yet computed from which a round runs on several streams; 0: a full batch for every
+    # stream (streams x MAX_BATCH_TOKENS, 4096 on 2 cores), so that no stream of a share of the cores idles.
+    queue_tokens: int = 0
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> Streams:
+        return cls(
+            streams=_int(env, "STREAMS", cls.streams, minimum=0),
+            queue_tokens=_int(env, "STREAMS_QUEUE_TOKENS", cls.queue_tokens, minimum=0),
+        )
+
+
 def read_admin_keys(env: Mapping[str, str], client_keys: tuple[str, ...]) -> tuple[str, ...]:
     """ADMIN_API_KEY: turns on the model-repository extension, for this key only; never one of the client keys."""
     key = env.get("ADMIN_API_KEY", "").strip()
@@ -164,6 +185,7 @@ class Settings:
     max_batch_tokens: int
     embedding_cache_mb: int
     limits: Limits
+    streams: Streams
     connections: Connections
     admin_api_keys: tuple[str, ...]
     grace_period: int
@@ -186,12 +208,13 @@ class Settings:
             model_path=env.get("MODEL_PATH", "").strip() or default_model_path(),
             model_name=env.get("MODEL_NAME", "").strip() or DEFAULT_MODEL_NAME,
             trust_remote_code=_flag(env, "TRUST_REMOTE_CODE", False),
-            backend=_choice(env, "BACKEND", "auto", ("auto", "torch", "onnx", "openvino")),
-            precision=_choice(env, "PRECISION", "auto", ("auto", "fp32", "bf16")),
+            backend=_choice(env, "BACKEND", "auto", ("auto", *BACKENDS)),
+            precision=_choice(env, "PRECISION", "auto", ("auto", *PRECISIONS)),
             cache_dir=read_cache_dir(env),
             max_batch_tokens=_int(env, "MAX_BATCH_TOKENS", DEFAULT_MAX_BATCH_TOKENS, minimum=256),
             embedding_cache_mb=read_number(env, "EMBEDDING_CACHE_MB", DEFAULT_EMBEDDING_CACHE_MB, 0),
             limits=Limits.from_env(env),
+            streams=Streams.from_env(env),
             connections=Connections.from_env(env),
             admin_api_keys=read_admin_keys(env, keys),
             grace_period=_int(env, "GRACE_PERIOD", DEFAULT_GRACE_PERIOD),
@@ -205,7 +228,7 @@ class Settings:
             f"http_port={self.http_port}, grpc_port={self.grpc_port}, model_path={self.model_path!r}, "
             f"model_name={self.model_name!r}, trust_remote_code={self.trust_remote_code}, backend={self.backend!r}, precision={self.precision!r}, "
             f"cache_dir={self.cache_dir!r}, "
-            f"max_batch_tokens={self.max_batch_tokens}, embedding_cache_mb={self.embedding_cache_mb}, limits={self.limits}, connections={self.connections}, "
+            f"max_batch_tokens={self.max_batch_tokens}, embedding_cache_mb={self.embedding_cache_mb}, limits={self.limits}, streams={self.streams}, connections={self.connections}, "
             f"admin_api_keys=<{len(self.admin_api_keys)} hidden>, grace_period={self.grace_period}, "
             f"log_level={self.log_level!r}, log_format={self.log_format!r})"
         )
