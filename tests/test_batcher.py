@@ -8,7 +8,8 @@ import pytest
 
 from conftest import cosines
 from embedding_server.engine.backends import ShapeGrid, TorchBackend
-from embedding_server.engine.batcher import Batcher, Overloaded, Throughput, plan_batches
+from embedding_server.engine.batcher import Batcher, Throughput, plan_batches
+from embedding_server.operations.errors import Overloaded
 
 
 def test_plan_batches_sorts_longest_first_within_the_budget():
