@@ -27,6 +27,7 @@ from embedding_server.operations.errors import (
     KeyRejected,
     OpenAIRequestError,
     Overloaded,
+    ReplicaUnavailable,
     TooLarge,
     Unprocessable,
     dialect,
@@ -130,8 +131,6 @@ def test_grpc_statuses():
 
 
 def test_replica_unavailable_is_503_in_both_dialects():
-    from ray_serve import ReplicaUnavailable
-
     error = ReplicaUnavailable("no replica answered within 5s")
     assert error_response(error, PATHS[PLAIN]).status_code == 503
     openai = error_response(error, PATHS[OPENAI])
@@ -221,8 +220,6 @@ def test_overload_is_429_with_retry_after_in_the_routes_dialect(path):
 
 @pytest.mark.parametrize("path", BODIES)
 def test_a_replica_that_is_unavailable_is_503_in_the_routes_dialect(path):
-    from ray_serve import ReplicaUnavailable
-
     failure = ReplicaUnavailable("no replica answered within 5s")
     response = post(build_app(Scripted(failure)), path, json=BODIES[path], headers=KEYED)
     assert_shape(response, path, 503, str(failure))

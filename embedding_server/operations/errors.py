@@ -64,6 +64,14 @@ class Overloaded(RuntimeError):
         return type(self), (str(self), self.retry_after)
 
 
+class ReplicaUnavailable(ServerNotReady):
+    """No Ray Serve replica answered (all busy, dead or timed out): 503 over HTTP, UNAVAILABLE over gRPC."""
+
+    def __init__(self, detail: str):
+        super().__init__(detail)
+        self.reason = self.error_msg  # KServe's gRPC interceptor reads .reason
+
+
 class OpenAIRequestError(ValueError):
     """An OpenAI embeddings request this server will not take; carries OpenAI's error fields."""
 
@@ -193,7 +201,10 @@ def error_response(error: BaseException, path: str) -> JSONResponse:
 
 
 async def _handle(request: Request, error: Exception) -> JSONResponse:
-    return error_response(error, request.scope["path"])
+    response = error_response(error, request.scope["path"])
+    if response.status_code >= HTTPStatus.INTERNAL_SERVER_ERROR:  # the client's errors are its own to log
+        logger.warning("Answered %d: %s: %s", response.status_code, type(error).__name__, error)
+    return response
 
 
 # Everything a route may raise, ours and KServe's. Registered after KServe's own handlers (which answer the same

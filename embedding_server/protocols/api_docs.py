@@ -131,7 +131,7 @@ RETRY_AFTER_HEADER = {"Retry-After": {"description": "Seconds to wait before ret
                                       "schema": {"type": "integer", "example": RETRY_AFTER_SECONDS}}}
 
 
-def raised(parse: Callable[[], object]) -> Exception:
+def _raised(parse: Callable[[], object]) -> Exception:
     """The error a parser raises on a bad input: the document's error examples are the server's own answers."""
     try:
         parse()
@@ -154,7 +154,7 @@ def _error(description: str, path: str, examples: dict[str, tuple[str, Exception
 
 def _responses(model_name: str, dimension: int) -> dict[str, dict]:
     limits = Limits()
-    too_many = raised(lambda: check_limits([""] * (limits.max_texts + 1), limits))
+    too_many = _raised(lambda: check_limits([""] * (limits.max_texts + 1), limits))
     overloaded = Overloaded(OVERLOADED_EXAMPLE, RETRY_AFTER_SECONDS)
     unavailable = "The model is not loaded yet"
     limit = "The body, the number of texts or one text is above the server's limit"
@@ -166,19 +166,19 @@ def _responses(model_name: str, dimension: int) -> dict[str, dict]:
         "OpenAIUnauthorized": _error("No API key, or a wrong one (OpenAI's shape, for its SDKs)", OPENAI_PATH,
                                      {"missing": ("No key", missing), "wrong": ("Wrong key", wrong)}),
         "BadRequest": _error("The body is not JSON, or holds no text", PLAIN_PATH,
-                             {"error": ("Empty body", raised(lambda: parse_json(b"")))}),
+                             {"error": ("Empty body", _raised(lambda: parse_json(b"")))}),
         "Unprocessable": _error("JSON of the wrong shape; the message names the key or index", PLAIN_PATH, {
-            "error": ("Not a string", raised(lambda: texts_from_instances({"instances": ["a", 1]})))}),
+            "error": ("Not a string", _raised(lambda: texts_from_instances({"instances": ["a", 1]})))}),
         "TooLarge": _error(limit, PLAIN_PATH, {"error": ("Too many texts", too_many)}),
         "Overloaded": _error(OVERLOADED_DESCRIPTION, PLAIN_PATH, {"error": ("Overloaded", overloaded)}),
         "Unavailable": _error(unavailable, PLAIN_PATH, {"error": ("Loading", ModelNotReady(model_name))}),
         "ModelNotFound": _error("No model of that name is served", PLAIN_PATH,
                                 {"error": ("Unknown model", ModelNotFound("other"))}),
         "OpenAIBadRequest": _error("A body OpenAI's API would refuse; `param` names the field", OPENAI_PATH, {
-            "input": ("No input", raised(lambda: parse_openai_embedding({"model": model_name}, model_name,
+            "input": ("No input", _raised(lambda: parse_openai_embedding({"model": model_name}, model_name,
                                                                         dimension)))}),
         "OpenAIModelNotFound": _error("Another model was asked for", OPENAI_PATH, {
-            "model": ("Unknown model", raised(lambda: parse_openai_embedding(
+            "model": ("Unknown model", _raised(lambda: parse_openai_embedding(
                 {"input": "x", "model": "text-embedding-3-small"}, model_name, dimension)))}),
         "OpenAITooLarge": _error(limit, OPENAI_PATH, {"limit": ("Too many texts", too_many)}),
         "OpenAIOverloaded": _error(OVERLOADED_DESCRIPTION, OPENAI_PATH, {"busy": ("Overloaded", overloaded)}),
