@@ -208,7 +208,8 @@ async def _handle(request: Request, error: Exception) -> JSONResponse:
 
 
 # Everything a route may raise, ours and KServe's. Registered after KServe's own handlers (which answer the same
-# kinds in the plain shape only), these answer on every route in its dialect.
+# kinds in the plain shape only), these answer on every route in its dialect. Our InvalidInput subclasses are
+# listed as well: where KServe's handlers come last after all, they still answer with their own statuses.
 HANDLED = (BadRequest, Unprocessable, TooLarge, InvalidInput, Overloaded, OpenAIRequestError, KeyRejected, Disabled,
            ModelNotFound, ModelNotReady, ServerNotReady, ServerNotLive, NotImplementedError, UnsupportedProtocol,
            InferenceError, HTTPException, RequestValidationError)
