@@ -12,21 +12,18 @@ from collections.abc import Collection, Iterable
 
 import grpc
 from starlette.datastructures import Headers
-from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
+
+from embedding_server.operations.errors import KeyRejected, error_response, grpc_status
 
 logger = logging.getLogger(__name__)
 
 KEY_HEADER = "x-api-key"
 AUTHORIZATION_HEADER = "authorization"
-MISSING_KEY_BODY = {
-    "error": "API key required",
-    "message": "Please provide an API key in the 'X-Api-Key' header or 'Authorization: Bearer <key>' header",
-}
-INVALID_KEY_BODY = {"error": "Invalid API key", "message": "The provided API key is invalid"}
-# OpenAI's routes answer as OpenAI does: 401 for a missing or a wrong key, in its error shape,
-# so that its SDKs raise their AuthenticationError.
-OPENAI_PATH_PREFIXES = ("/openai/", "/v1/embeddings")
+# Where ApiKeyMiddleware records its decision in the request's scope["state"], for the access log: one of
+# KEY_VALID, KEY_MISSING, KEY_INVALID; absent on public routes.
+KEY_OUTCOME = "api_key"
+KEY_VALID, KEY_MISSING, KEY_INVALID = "valid", "missing", "invalid"
 
 # Swagger UI's own files, served at /docs/<name> from an installed package so that the docs page needs no CDN.
 DOCS_ASSETS = ("swagger-ui-bundle.js", "swagger-ui.css", "favicon-32x32.png")
@@ -64,15 +61,6 @@ def is_public(method: str, path: str) -> bool:
     if method not in PUBLIC_METHODS:
         return False
     return path in PUBLIC_PATHS or any(p.fullmatch(path) for p in PUBLIC_PATTERNS)
-
-
-def rejection(status: int, path: str) -> JSONResponse:
-    body = MISSING_KEY_BODY if status == 401 else INVALID_KEY_BODY
-    if path.startswith(OPENAI_PATH_PREFIXES):
-        code = "missing_api_key" if status == 401 else "invalid_api_key"
-        error = {"message": body["message"], "type": "invalid_request_error", "param": None, "code": code}
-        return JSONResponse({"error": error}, status_code=401)
-    return JSONResponse(body, status_code=status)
 
 
 def presented_keys(x_api_keys: Iterable[str], authorizations: Iterable[str]) -> set[str]:
@@ -115,17 +103,34 @@ class KeyChecker:
         matches = [hmac.compare_digest(candidate, valid) for valid in self._keys]
         return any(matches)
 
-    def check(self, keys: Collection[str]) -> int:
-        """200 when one valid key was sent, 401 when none, 403 when it is wrong.
+    def check(self, keys: Collection[str]) -> str:
+        """KEY_VALID when one valid key was sent, KEY_MISSING when none, KEY_INVALID when it is wrong.
 
         Different keys in repeated headers are refused as wrong: which copy a proxy or a framework keeps
         differs (first, last, or both joined), so no copy is trusted.
         """
         if not keys:
-            return 401
+            return KEY_MISSING
         if len(keys) > 1:
-            return 403
-        return 200 if self.is_valid(next(iter(keys))) else 403
+            return KEY_INVALID
+        return KEY_VALID if self.is_valid(next(iter(keys))) else KEY_INVALID
+
+    async def guard(self, app: ASGIApp, scope: Scope, receive: Receive, send: Send) -> None:
+        """Pass an HTTP request with a valid key on to `app`; answer any other with its 401/403 in the route's
+        dialect. The outcome is recorded in the scope for the access log."""
+        outcome = self.check(http_presented_keys(Headers(scope=scope)))
+        scope.setdefault("state", {})[KEY_OUTCOME] = outcome
+        if outcome == KEY_VALID:
+            await app(scope, receive, send)
+            return
+        await error_response(KeyRejected(missing=outcome == KEY_MISSING), scope["path"])(scope, receive, send)
+
+    def grpc_handler(self, metadata: Iterable[tuple[str, str]] | None) -> grpc.RpcMethodHandler | None:
+        """None when the call carries a valid key; else a handler that refuses it."""
+        outcome = self.check(grpc_presented_keys(metadata))
+        if outcome == KEY_VALID:
+            return None
+        return denied(KeyRejected(missing=outcome == KEY_MISSING))
 
 
 class ApiKeyMiddleware:
@@ -137,19 +142,15 @@ class ApiKeyMiddleware:
         if scope["type"] != "http" or is_public(scope["method"], scope["path"]):
             await self.app(scope, receive, send)
             return
-        headers = Headers(scope=scope)
-        status = self.checker.check(http_presented_keys(headers))
-        if status == 200:
-            await self.app(scope, receive, send)
-            return
-        await rejection(status, scope["path"])(scope, receive, send)
+        await self.checker.guard(self.app, scope, receive, send)
 
 
-def denied(code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler:
-    """A gRPC handler that answers every call with this status, for interceptors that refuse a call."""
+def denied(error: Exception) -> grpc.RpcMethodHandler:
+    """A gRPC handler that answers every call with the status of `error`, for interceptors that refuse a call."""
+    code, message, metadata = grpc_status(error)
 
     async def abort(request, context: grpc.aio.ServicerContext):
-        await context.abort(code, message)
+        await context.abort(code, message, trailing_metadata=metadata)
 
     return grpc.unary_unary_rpc_method_handler(abort)
 
@@ -159,13 +160,9 @@ class GrpcApiKeyInterceptor(grpc.aio.ServerInterceptor):
 
     def __init__(self, keys: Iterable[str]):
         self.checker = KeyChecker(keys)
-        self._missing = denied(grpc.StatusCode.UNAUTHENTICATED, MISSING_KEY_BODY["message"])
-        self._invalid = denied(grpc.StatusCode.PERMISSION_DENIED, INVALID_KEY_BODY["message"])
 
     async def intercept_service(self, continuation, handler_call_details: grpc.HandlerCallDetails):
         if handler_call_details.method in PUBLIC_GRPC_METHODS:
             return await continuation(handler_call_details)
-        status = self.checker.check(grpc_presented_keys(handler_call_details.invocation_metadata))
-        if status == 200:
-            return await continuation(handler_call_details)
-        return self._missing if status == 401 else self._invalid
+        refusal = self.checker.grpc_handler(handler_call_details.invocation_metadata)
+        return refusal or await continuation(handler_call_details)

@@ -31,7 +31,6 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import ray
-from kserve.errors import ServerNotReady
 from kserve.protocol.infer_type import InferRequest, to_http_parameters
 from kserve.ray import RayModel
 from ray import serve
@@ -46,6 +45,7 @@ from ray.serve.handle import DeploymentHandle
 
 from embedding_server.engine.cache import NAMESPACE_HEADER
 from embedding_server.engine.model_dir import ModelDirError, check_model_dir
+from embedding_server.operations.errors import ReplicaUnavailable
 from embedding_server.operations.settings import (
     DEFAULT_MAX_BATCH_TOKENS,
     TRUE_WORDS,
@@ -65,14 +65,6 @@ REPLICA_HEADER = "x-replica"
 PRIVATE_HEADERS = frozenset({"x-api-key", "authorization", "cookie"})
 # Failures of a replica rather than of the request: an idempotent embedding is sent again.
 REPLICA_FAILURES = (ActorDiedError, ActorUnavailableError, ReplicaUnavailableError)
-
-
-class ReplicaUnavailable(ServerNotReady):
-    """No replica answered (all busy, dead or timed out): 503 over HTTP, UNAVAILABLE over gRPC."""
-
-    def __init__(self, detail: str):
-        super().__init__(detail)
-        self.reason = self.error_msg  # KServe's gRPC interceptor reads .reason
 
 
 @dataclass(frozen=True)

@@ -154,6 +154,7 @@ class EmbeddingModelServer(ModelServer):
                           event_loop=self.event_loop, timeout_keep_alive=self.timeout_keep_alive)
         rest.create_application()  # KServe's own routes, middleware and error handlers on the shared app
         drop_unlogged_timing(app)
+        register_error_handlers(app)  # ours replace KServe's handlers, which answer every route in the plain shape
         rest.config.http = guarded_http_protocol(self.connections)
         self._http = _HTTPServer(rest.config)
         self.setup_event_loop()
@@ -209,7 +210,6 @@ def create_server(model: Model, settings: Settings, args: argparse.Namespace, di
     register_legacy_routes(app, server.dataplane, model.name, settings)
     register_openai_routes(app, server.dataplane, model.name, dimension)
     register_v2_infer_routes(app, server.dataplane)
-    register_error_handlers(app)
     # Added last is outermost: CORS answers preflights before the key is checked, and the body is
     # read (within its limit) only for requests that carry a valid key.
     app.add_middleware(BodyGuardMiddleware, max_body_bytes=settings.limits.max_body_bytes)

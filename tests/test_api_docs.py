@@ -32,7 +32,16 @@ from openapi_spec_validator.validation.exceptions import OpenAPIValidationError
 from PIL import Image
 
 from auth_middleware import DOCS_ASSETS, ApiKeyMiddleware, is_public
-from embedding_server.operations.settings import Settings
+from embedding_server.operations.errors import (
+    INVALID_KEY_BODY,
+    MISSING_KEY_BODY,
+    BadRequest,
+    OpenAIRequestError,
+    TooLarge,
+    Unprocessable,
+)
+from embedding_server.operations.settings import Limits, Settings
+from embedding_server.protocols.adapters import check_limits, parse_json, parse_openai_embedding, texts_from_instances
 from embedding_server.protocols.api_docs import install_api_docs
 from embedding_server.protocols.routes import register_legacy_routes, register_openai_routes
 
@@ -172,6 +181,47 @@ def test_error_answers_are_documented_with_bodies(document):
     openai_401 = resolve(document, document["paths"]["/v1/embeddings"]["post"]["responses"]["401"])
     codes = {e["value"]["error"]["code"] for e in openai_401["content"]["application/json"]["examples"].values()}
     assert codes == {"missing_api_key", "invalid_api_key"}
+
+
+def examples(document: dict, response: str) -> list:
+    content = document["components"]["responses"][response]["content"]["application/json"]
+    return [example["value"] for example in content["examples"].values()]
+
+
+def test_error_examples_are_what_the_parsers_and_the_key_check_answer(document):
+    """No example message is written by hand: each is what the server says to a bad request, so a parser that
+    changes its words changes the document (an example written as a literal fails here once they differ)."""
+    with pytest.raises(BadRequest) as empty:
+        parse_json(b"")
+    with pytest.raises(Unprocessable) as not_a_string:
+        texts_from_instances({"instances": ["a", 1]})
+    with pytest.raises(TooLarge) as too_many:
+        check_limits(["x"] * (Limits().max_texts + 1), Limits())
+    with pytest.raises(OpenAIRequestError) as no_input:
+        parse_openai_embedding({"model": MODEL}, MODEL, DIMENSION)
+    with pytest.raises(OpenAIRequestError) as other_model:
+        parse_openai_embedding({"input": "x", "model": "text-embedding-3-small"}, MODEL, DIMENSION)
+    assert examples(document, "BadRequest") == [{"error": empty.value.reason}]
+    assert examples(document, "Unprocessable") == [{"error": not_a_string.value.reason}]
+    assert examples(document, "TooLarge") == [{"error": too_many.value.reason}]
+    assert [e["error"]["message"] for e in examples(document, "OpenAITooLarge")] == [too_many.value.reason]
+    for response, error in (("OpenAIBadRequest", no_input.value), ("OpenAIModelNotFound", other_model.value)):
+        assert examples(document, response) == [{"error": {"message": error.message, "type": error.type,
+                                                           "param": error.param, "code": error.code}}]
+    assert examples(document, "MissingKey") == [MISSING_KEY_BODY]
+    assert examples(document, "WrongKey") == [INVALID_KEY_BODY]
+    assert [e["error"]["message"] for e in examples(document, "OpenAIUnauthorized")] == [
+        MISSING_KEY_BODY["message"], INVALID_KEY_BODY["message"]]
+    assert examples(document, "Unavailable") == [{"error": f"Model with name {MODEL} is not ready."}]
+    assert examples(document, "OpenAIUnavailable")[0]["error"]["type"] == "server_error"
+
+
+def test_the_openai_routes_document_every_error_in_openais_shape(document):
+    for path in ("/openai/v1/embeddings", "/v1/embeddings"):
+        for status, response in document["paths"][path]["post"]["responses"].items():
+            if status.startswith(("4", "5")):
+                schema = resolve(document, response)["content"]["application/json"]["schema"]
+                assert schema == {"$ref": "#/components/schemas/OpenAIError"}, (path, status)
 
 
 def test_the_docs_page_is_public_html(app):

@@ -14,15 +14,17 @@ import requests
 from starlette.responses import PlainTextResponse
 
 from auth_middleware import (
-    INVALID_KEY_BODY,
-    MISSING_KEY_BODY,
-    OPENAI_PATH_PREFIXES,
+    KEY_INVALID,
+    KEY_MISSING,
+    KEY_OUTCOME,
+    KEY_VALID,
     ApiKeyMiddleware,
     KeyChecker,
     is_public,
     presented_keys,
 )
 from conftest import MODEL_NAME, ROOT, TEST_KEY, grpc_infer
+from embedding_server.operations.errors import INVALID_KEY_BODY, MISSING_KEY_BODY, OPENAI_PATH_PREFIXES
 
 KEYS = ("first-key", "second-key")
 
@@ -144,9 +146,40 @@ def test_presented_keys():
 def test_key_checker_needs_a_key():
     with pytest.raises(ValueError):
         KeyChecker(["", ""])
-    assert KeyChecker(["a"]).check({"a"}) == 200
-    assert KeyChecker(["a", "b"]).check({"a", "b"}) == 403
-    assert KeyChecker(["a"]).check(set()) == 401
+    assert KeyChecker(["a"]).check({"a"}) == KEY_VALID
+    assert KeyChecker(["a", "b"]).check({"a", "b"}) == KEY_INVALID
+    assert KeyChecker(["a"]).check(set()) == KEY_MISSING
+
+
+@pytest.mark.parametrize("headers,outcome", [
+    ({}, KEY_MISSING),
+    ({"X-Api-Key": " "}, KEY_MISSING),
+    ({"X-Api-Key": "wrong"}, KEY_INVALID),
+    ({"Authorization": "Bearer wrong"}, KEY_INVALID),
+    ({"X-Api-Key": "first-key"}, KEY_VALID),
+])
+def test_the_outcome_is_recorded_in_the_scope_once(headers, outcome):
+    """The key check decides once; the access log reads its outcome from scope["state"]."""
+    seen = {}
+
+    async def app(scope, receive, send):
+        seen.update(scope["state"])
+        await PlainTextResponse("reached")(scope, receive, send)
+
+    async def outermost(scope, receive, send):  # what the access log does: read the state after the answer
+        await ApiKeyMiddleware(app, keys=KEYS)(scope, receive, send)
+        seen["after"] = scope["state"][KEY_OUTCOME]
+
+    async def go():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=outermost)) as client:
+            return await client.post("http://test/embedding", headers=headers)
+
+    import asyncio
+
+    response = asyncio.run(go())
+    assert seen["after"] == outcome
+    assert (response.status_code == 200) == (outcome == KEY_VALID)
+    assert seen.get(KEY_OUTCOME) == (KEY_VALID if outcome == KEY_VALID else None)  # the route sees it when it runs
 
 
 # --- The real server -------------------------------------------------------------------------------------------

@@ -7,9 +7,10 @@ import threading
 import pytest
 
 from conftest import cosines
-from embedding_server.engine.batcher import Batcher, Overloaded, Throughput, plan_batches
+from embedding_server.engine.batcher import Batcher, Throughput, plan_batches
 from embedding_server.engine.runtimes import TorchBackend
 from embedding_server.engine.tokens import ShapeGrid
+from embedding_server.operations.errors import Overloaded
 
 
 def test_plan_batches_sorts_longest_first_within_the_budget():

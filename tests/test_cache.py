@@ -14,8 +14,7 @@ import requests
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import MODEL_NAME, TEST_KEY, cosines, grpc_infer, start_server
-from embedding_server.engine.backends import TorchBackend
-from embedding_server.engine.batcher import Batcher, Overloaded
+from embedding_server.engine.batcher import Batcher
 from embedding_server.engine.cache import (
     ENTRY_OVERHEAD_BYTES,
     NAMESPACE_HEADER,
@@ -25,6 +24,8 @@ from embedding_server.engine.cache import (
     model_identity,
     namespace_of,
 )
+from embedding_server.engine.runtimes import TorchBackend
+from embedding_server.operations.errors import Overloaded
 from model import cache_namespace
 
 DIM = 384

@@ -199,17 +199,20 @@ def test_large_client_batches_are_split_not_rejected(hardened, reference):
     assert cosines(response.json()["predictions"], reference(texts)).min() >= 0.99999
 
 
-def test_overload_answers_429_with_retry_after_at_once(hardened):
+@pytest.mark.parametrize("route", [V1, "/openai/v1/embeddings"])
+def test_overload_answers_429_with_retry_after_at_once(hardened, route):
     statuses: list[int] = []
     retry_after: list[str] = []
+    bodies: list[dict] = []
 
     def client(n: int):
-        texts = [f"client {n} text {i} " + "word " * 80 for i in range(40)]  # distinct: none answered from the cache
-        response = requests.post(hardened.url + V1, json={"instances": texts}, headers=hardened.headers(), timeout=120)
+        texts = [f"{route} client {n} text {i} " + "word " * 80 for i in range(40)]  # none answered from the cache
+        response = requests.post(hardened.url + route, json=body_for(route, texts), headers=hardened.headers(),
+                                 timeout=120)
         statuses.append(response.status_code)
         if response.status_code == 429:
             retry_after.append(response.headers.get("Retry-After", ""))
-            assert "error" in response.json()
+            bodies.append(response.json())
 
     threads = [threading.Thread(target=client, args=(n,)) for n in range(6)]
     for thread in threads:
@@ -218,6 +221,11 @@ def test_overload_answers_429_with_retry_after_at_once(hardened):
         thread.join()
     assert sorted(set(statuses)) == [200, 429], statuses
     assert all(value.isdigit() and int(value) >= 1 for value in retry_after)
+    for body in bodies:  # in the route's dialect: OpenAI's SDKs read a RateLimitError from theirs
+        if route == V1:
+            assert set(body) == {"error"} and "MAX_QUEUE" in body["error"]
+        else:
+            assert body["error"]["type"] == "rate_limit_error" and "MAX_QUEUE" in body["error"]["message"]
     assert requests.get(hardened.url + "/health", timeout=10).status_code == 200
 
 

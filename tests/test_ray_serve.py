@@ -289,7 +289,8 @@ def call_model(model, body, headers=None, settle: float = 0.0):
 
 
 def test_a_stuck_replica_gets_a_503_in_bounded_time():
-    from ray_serve import RayEmbeddingModel, ReplicaUnavailable
+    from embedding_server.operations.errors import ReplicaUnavailable
+    from ray_serve import RayEmbeddingModel
 
     handle = serve.run(Stuck.bind(), name="stuck", route_prefix=None, _local_testing_mode=True)
     model = RayEmbeddingModel(MODEL_NAME, handle, timeout=0.5, retries=2)

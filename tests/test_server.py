@@ -89,6 +89,13 @@ def test_without_its_model_the_server_is_not_ready_and_not_live(admin_server):
     predict = requests.post(f"{admin_server.url}/v1/models/{MODEL_NAME}:predict", json={"instances": ["x"]},
                             headers=admin_server.headers(), timeout=30)
     assert predict.status_code == 503 and "error" in predict.json()
+    not_ready = f"Model with name {MODEL_NAME} is not ready."
+    legacy = requests.post(f"{admin_server.url}/embedding", json={"a": "x"}, headers=admin_server.headers(), timeout=30)
+    assert (legacy.status_code, legacy.json()) == (503, {"error": not_ready})
+    for path in ("/openai/v1/embeddings", "/v1/embeddings"):  # OpenAI's shape: KServe's own handler is replaced
+        openai = requests.post(admin_server.url + path, json={"input": "x"}, headers=admin_server.headers(), timeout=30)
+        assert openai.status_code == 503, (path, openai.text)
+        assert openai.json() == {"error": {"message": not_ready, "type": "server_error", "param": None, "code": None}}
     assert grpc_code(admin_server, "ServerLive", pb.ServerLiveRequest(), None) == grpc.StatusCode.UNAVAILABLE
     assert not grpc_call(admin_server, "ServerReady", pb.ServerReadyRequest(), None).ready
     assert not grpc_call(admin_server, "ModelReady", pb.ModelReadyRequest(name=MODEL_NAME), None).ready

@@ -23,21 +23,11 @@ import numpy as np
 
 from embedding_server.engine.backends import Backend
 from embedding_server.engine.tokens import EXACT, ShapeGrid, Tokenized
+from embedding_server.operations.errors import Overloaded
 from embedding_server.operations.observability import observe_batch, observe_queue_wait
 from embedding_server.operations.settings import DEFAULT_MAX_BATCH_TOKENS, Limits, Streams
 
 logger = logging.getLogger(__name__)
-
-
-class Overloaded(RuntimeError):
-    """The work already admitted would not be done in time; the caller should retry in `retry_after` seconds."""
-
-    def __init__(self, message: str, retry_after: int = 1):
-        super().__init__(message)
-        self.retry_after = retry_after
-
-    def __reduce__(self):  # Ray sends it from a replica to the front end
-        return type(self), (str(self), self.retry_after)
 
 
 # Before anything has been measured: a slow CPU's rate (about half a core), so that a fresh server admits too

@@ -9,20 +9,10 @@ from __future__ import annotations
 import logging
 
 import grpc
-from starlette.datastructures import Headers
-from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from auth_middleware import (
-    INVALID_KEY_BODY,
-    MISSING_KEY_BODY,
-    KeyChecker,
-    denied,
-    grpc_presented_keys,
-    http_presented_keys,
-    rejection,
-)
-from embedding_server.operations.errors import error_body
+from auth_middleware import KeyChecker, denied
+from embedding_server.operations.errors import Disabled, error_response
 
 logger = logging.getLogger(__name__)
 
@@ -53,13 +43,9 @@ class RepositoryGuardMiddleware:
             await self.app(scope, receive, send)
             return
         if self.checker is None:
-            await JSONResponse(error_body(DISABLED_MESSAGE), status_code=404)(scope, receive, send)
+            await error_response(Disabled(DISABLED_MESSAGE), scope["path"])(scope, receive, send)
             return
-        status = self.checker.check(http_presented_keys(Headers(scope=scope)))
-        if status == 200:
-            await self.app(scope, receive, send)
-            return
-        await rejection(status, scope["path"])(scope, receive, send)
+        await self.checker.guard(self.app, scope, receive, send)
 
 
 class GrpcRepositoryInterceptor(grpc.aio.ServerInterceptor):
@@ -67,16 +53,12 @@ class GrpcRepositoryInterceptor(grpc.aio.ServerInterceptor):
 
     def __init__(self, admin_keys: tuple[str, ...]):
         self.checker = KeyChecker(admin_keys) if admin_keys else None
-        self._disabled = denied(grpc.StatusCode.UNIMPLEMENTED, DISABLED_MESSAGE)
-        self._missing = denied(grpc.StatusCode.UNAUTHENTICATED, MISSING_KEY_BODY["message"])
-        self._invalid = denied(grpc.StatusCode.PERMISSION_DENIED, INVALID_KEY_BODY["message"])
+        self._disabled = denied(Disabled(DISABLED_MESSAGE))
 
     async def intercept_service(self, continuation, handler_call_details: grpc.HandlerCallDetails):
         if handler_call_details.method not in REPOSITORY_GRPC_METHODS:
             return await continuation(handler_call_details)
         if self.checker is None:
             return self._disabled
-        status = self.checker.check(grpc_presented_keys(handler_call_details.invocation_metadata))
-        if status == 200:
-            return await continuation(handler_call_details)
-        return self._missing if status == 401 else self._invalid
+        refusal = self.checker.grpc_handler(handler_call_details.invocation_metadata)
+        return refusal or await continuation(handler_call_details)

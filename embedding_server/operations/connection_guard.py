@@ -11,30 +11,32 @@ connection is answered 503 and closed at once.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
+from http import HTTPStatus
 
+from starlette.exceptions import HTTPException
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from embedding_server.operations.errors import error_body
+from embedding_server.operations.errors import error_response
 from embedding_server.operations.settings import Connections
 
 logger = logging.getLogger(__name__)
 
 
-def _raw_response(status: str, message: str) -> bytes:
-    body = json.dumps(error_body(message)).encode()
-    head = (f"HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n"
-            "connection: close\r\n\r\n")
-    return head.encode("ascii") + body
+def _raw_response(status: HTTPStatus, message: str) -> bytes:
+    """The answer as bytes on the wire, written before any request line is known: in the plain dialect."""
+    response = error_response(HTTPException(status, message), path="")
+    head = [f"HTTP/1.1 {status.value} {status.phrase}".encode("ascii"),
+            *(name + b": " + value for name, value in response.raw_headers), b"connection: close"]
+    return b"\r\n".join(head) + b"\r\n\r\n" + response.body
 
 
 def guarded_http_protocol(connections: Connections) -> type[asyncio.Protocol]:
     """uvicorn's HTTP protocol class with `connections`' deadlines and cap (give it as uvicorn's `http`)."""
     header_timeout, body_timeout = connections.header_timeout, connections.body_timeout
-    too_slow = _raw_response("408 Request Timeout",
+    too_slow = _raw_response(HTTPStatus.REQUEST_TIMEOUT,
                              f"The request headers took longer than {header_timeout:g}s (HEADER_TIMEOUT)")
-    too_many = _raw_response("503 Service Unavailable",
+    too_many = _raw_response(HTTPStatus.SERVICE_UNAVAILABLE,
                              f"Too many open connections (MAX_CONNECTIONS is {connections.max_connections})")
 
     class GuardedHttpProtocol(HttpToolsProtocol):

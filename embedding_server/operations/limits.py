@@ -11,12 +11,9 @@ import asyncio
 import logging
 
 from starlette.datastructures import Headers
-from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from auth_middleware import OPENAI_PATH_PREFIXES
-from embedding_server.operations.errors import error_body
-from embedding_server.protocols.adapters import OpenAIRequestError, openai_error_body
+from embedding_server.operations.errors import TooLarge, error_response
 
 logger = logging.getLogger(__name__)
 
@@ -92,9 +89,6 @@ class BodyGuardMiddleware:
             watcher.cancel()
 
     async def _reject(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["path"].startswith(OPENAI_PATH_PREFIXES):
-            body = openai_error_body(OpenAIRequestError(self.message, status=413))
-        else:
-            body = error_body(self.message)
-        response = JSONResponse(body, status_code=413, headers={"Connection": "close"})
+        response = error_response(TooLarge(self.message), scope["path"])
+        response.headers["Connection"] = "close"  # the rest of the body is not read
         await response(scope, receive, send)

@@ -18,11 +18,11 @@ from typing import IO
 
 from prometheus_client import Counter, Gauge, Histogram
 from starlette.datastructures import Headers
-from starlette.responses import JSONResponse
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from auth_middleware import http_presented_keys
+from auth_middleware import KEY_INVALID, KEY_OUTCOME
+from embedding_server.operations.errors import InternalError, error_response
 
 logger = logging.getLogger(__name__)
 
@@ -104,10 +104,11 @@ def accepted_request_id(value: str | None) -> str:
     return uuid.uuid4().hex
 
 
-def rejection_reason(status: int, key_presented: bool) -> str | None:
-    """Why a request was refused, from its status. OpenAI routes answer 401 for a wrong key too."""
+def rejection_reason(status: int, key_invalid: bool) -> str | None:
+    """Why a request was refused, from its status and the key check's outcome: OpenAI routes answer 401 for a
+    wrong key too."""
     if status == 401:
-        return "auth_invalid" if key_presented else "auth_missing"
+        return "auth_invalid" if key_invalid else "auth_missing"
     if status == 403:
         return "auth_invalid"
     if status == 413:
@@ -163,8 +164,7 @@ class ObservabilityMiddleware:
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
-        headers = Headers(scope=scope)
-        request_id = accepted_request_id(headers.get(REQUEST_ID_HEADER))
+        request_id = accepted_request_id(Headers(scope=scope).get(REQUEST_ID_HEADER))
         scope.setdefault("state", {})["request_id"] = request_id
         id_header = (REQUEST_ID_HEADER.encode(), request_id.encode("ascii"))
         answer = _Answer()
@@ -179,7 +179,7 @@ class ObservabilityMiddleware:
             elif message["type"] == "http.response.body" and not message.get("more_body", False):
                 # Counted before the last byte leaves, so a scrape after the answer always includes it; logged
                 # after, so that the answer does not wait for the access line to be formatted and written.
-                fields = self._finish(scope, headers, request_id, answer, started)
+                fields = self._finish(scope, request_id, answer, started)
                 try:
                     await send(message)
                 finally:
@@ -191,14 +191,12 @@ class ObservabilityMiddleware:
             await self.app(scope, receive, send_with_id)
         except Exception:
             if answer.status is not None:
-                self._log(self._finish(scope, headers, request_id, answer, started))
-                raise
+                raise  # the answer has begun: too late for a 500; counted and logged once, below
             logger.exception("Unhandled error answering request %s", request_id)
-            response = JSONResponse({"error": "Internal server error", "request_id": request_id}, status_code=500)
-            await response(scope, receive, send_with_id)
+            await error_response(InternalError(request_id), scope["path"])(scope, receive, send_with_id)
         finally:
             if not answer.finished:
-                self._log(self._finish(scope, headers, request_id, answer, started))
+                self._log(self._finish(scope, request_id, answer, started))
 
     @staticmethod
     def _read_costs(raw: list[tuple[bytes, bytes]], answer: _Answer) -> None:
@@ -207,7 +205,7 @@ class ObservabilityMiddleware:
             if field is not None and value.isdigit():
                 setattr(answer, field, int(value))
 
-    def _finish(self, scope: Scope, headers: Headers, request_id: str, answer: _Answer, started: float) -> dict:
+    def _finish(self, scope: Scope, request_id: str, answer: _Answer, started: float) -> dict:
         """Counts the answer in the Prometheus series; returns its access-line fields."""
         answer.finished = True
         seconds = time.perf_counter() - started
@@ -221,8 +219,7 @@ class ObservabilityMiddleware:
             for count, counter in ((answer.texts, TEXTS), (answer.tokens, TOKENS), (answer.truncated, TRUNCATED)):
                 if count:
                     counter.inc(count)
-        key_presented = status == 401 and bool(http_presented_keys(headers))
-        reason = rejection_reason(status, key_presented)
+        reason = rejection_reason(status, scope["state"].get(KEY_OUTCOME) == KEY_INVALID)
         if reason is not None:
             REJECTIONS.labels(reason).inc()
         fields = {

@@ -12,7 +12,7 @@ from kserve.constants.constants import INFERENCE_CONTENT_LENGTH_HEADER
 from kserve.protocol.infer_type import InferInput, InferOutput, InferRequest, InferResponse, RequestedOutput
 
 from embedding_server.engine.batcher import Embedded
-from embedding_server.operations.errors import BadRequest, TooLarge, Unprocessable
+from embedding_server.operations.errors import BadRequest, OpenAIRequestError, TooLarge, Unprocessable
 from embedding_server.operations.settings import Limits
 
 INPUT_NAME = "text"
@@ -284,13 +284,7 @@ TOKEN_IDS_HELP = (
 )
 
 
-class OpenAIRequestError(ValueError):
-    """An OpenAI embeddings request this server will not take; carries OpenAI's error fields."""
-
-    def __init__(self, message: str, param: str | None = None, status: int = 400,
-                 code: str | None = None, type_: str = "invalid_request_error"):
-        super().__init__(message)
-        self.message, self.param, self.status, self.code, self.type = message, param, status, code, type_
+ENCODING_FORMATS = ("float", "base64")  # the first is the default
 
 
 @dataclass(frozen=True)
@@ -325,9 +319,10 @@ def parse_openai_embedding(body: Any, served_model: str, dimension: int) -> Open
     if model != served_model:
         raise OpenAIRequestError(f"The model '{model}' does not exist; this server serves '{served_model}'",
                                  param="model", status=404, code="model_not_found")
-    encoding_format = body.get("encoding_format") or "float"
-    if encoding_format not in ("float", "base64"):
-        raise OpenAIRequestError(f"'encoding_format' must be 'float' or 'base64', not {encoding_format!r}",
+    encoding_format = body.get("encoding_format") or ENCODING_FORMATS[0]
+    if encoding_format not in ENCODING_FORMATS:
+        choices = " or ".join(repr(choice) for choice in ENCODING_FORMATS)
+        raise OpenAIRequestError(f"'encoding_format' must be {choices}, not {encoding_format!r}",
                                  param="encoding_format")
     dimensions = body.get("dimensions")
     if dimensions is not None and dimensions != dimension:
@@ -335,10 +330,6 @@ def parse_openai_embedding(body: Any, served_model: str, dimension: int) -> Open
             f"'dimensions' must be {dimension}: this model gives {dimension}-dimensional embeddings and was not "
             "trained to be shortened", param="dimensions")
     return OpenAIEmbeddingRequest(texts=texts, model=model, encoding_format=encoding_format)
-
-
-def openai_error_body(error: OpenAIRequestError) -> dict[str, Any]:
-    return {"error": {"message": error.message, "type": error.type, "param": error.param, "code": error.code}}
 
 
 def openai_embedding_response(request: OpenAIEmbeddingRequest, embeddings: np.ndarray, tokens: int) -> dict[str, Any]:

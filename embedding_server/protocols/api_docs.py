@@ -8,6 +8,7 @@ the swagger-ui-bundle-v2 package and are served here too, so the page works wher
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import re
 from collections.abc import Awaitable, Callable
@@ -17,11 +18,27 @@ from fastapi import FastAPI, Request
 from fastapi.openapi.docs import get_swagger_ui_html, get_swagger_ui_oauth2_redirect_html
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import FileResponse, HTMLResponse
+from kserve.errors import ModelNotFound, ModelNotReady
 from swagger_ui_bundle import swagger_ui_path
 
-from auth_middleware import DOCS_ASSETS, INVALID_KEY_BODY, MISSING_KEY_BODY, OPENAI_PATH_PREFIXES, is_public
-from embedding_server.operations.errors import RETRY_AFTER_SECONDS
-from embedding_server.protocols.adapters import BINARY
+from auth_middleware import DOCS_ASSETS, is_public
+from embedding_server.operations.errors import (
+    OPENAI,
+    RETRY_AFTER_SECONDS,
+    KeyRejected,
+    Overloaded,
+    dialect,
+    error_response,
+)
+from embedding_server.operations.settings import Limits
+from embedding_server.protocols.adapters import (
+    BINARY,
+    ENCODING_FORMATS,
+    check_limits,
+    parse_json,
+    parse_openai_embedding,
+    texts_from_instances,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -89,7 +106,7 @@ def _schemas(model_name: str, dimension: int) -> dict[str, dict]:
             "input": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}, "minItems": 1}],
                       "description": "A text or a list of texts (token ids are not accepted)"},
             "model": {"type": "string", "default": model_name},
-            "encoding_format": {"type": "string", "enum": ["float", "base64"], "default": "float"},
+            "encoding_format": {"type": "string", "enum": list(ENCODING_FORMATS), "default": ENCODING_FORMATS[0]},
             "dimensions": {"type": "integer", "enum": [dimension]},
             "user": {"type": "string"}}},
         "OpenAIEmbeddingResponse": {"type": "object", "required": ["object", "data", "model", "usage"], "properties": {
@@ -110,48 +127,63 @@ def _schemas(model_name: str, dimension: int) -> dict[str, dict]:
     }
 
 
-def _error(description: str, message: str, headers: dict | None = None) -> dict:
-    response = {"description": description, "content": _json(_ref("schemas", "Error"), {"error": (description,
-                                                                                          {"error": message})})}
-    if headers:
-        response["headers"] = headers
+PLAIN_PATH, OPENAI_PATH = "/embedding", "/openai/v1/embeddings"  # a route of each error dialect
+RETRY_AFTER_HEADER = {"Retry-After": {"description": "Seconds to wait before retrying",
+                                      "schema": {"type": "integer", "example": RETRY_AFTER_SECONDS}}}
+
+
+def _raised(parse: Callable[[], object]) -> Exception:
+    """The error a parser raises on a bad input: the document's error examples are the server's own answers."""
+    try:
+        parse()
+    except Exception as error:
+        return error
+    raise ValueError(f"{parse} accepted the bad input meant to show its error")
+
+
+def _error(description: str, path: str, examples: dict[str, tuple[str, Exception]]) -> dict:
+    """An error answer documented with the bodies error_response writes for `examples` on the route at `path`."""
+    answers = {key: (summary, error_response(error, path)) for key, (summary, error) in examples.items()}
+    schema = _ref("schemas", "OpenAIError" if dialect(path) == OPENAI else "Error")
+    response = {"description": description,
+                "content": _json(schema, {key: (summary, json.loads(answer.body))
+                                          for key, (summary, answer) in answers.items()})}
+    if any("retry-after" in answer.headers for _, answer in answers.values()):
+        response["headers"] = RETRY_AFTER_HEADER
     return response
 
 
-def _responses(model_name: str) -> dict[str, dict]:
-    openai_401 = {"error": {"message": MISSING_KEY_BODY["message"], "type": "invalid_request_error",
-                            "param": None, "code": "missing_api_key"}}
-    openai_401_wrong = {"error": {"message": INVALID_KEY_BODY["message"], "type": "invalid_request_error",
-                                  "param": None, "code": "invalid_api_key"}}
+def _responses(model_name: str, dimension: int) -> dict[str, dict]:
+    limits = Limits()
+    too_many = _raised(lambda: check_limits([""] * (limits.max_texts + 1), limits))
+    overloaded = Overloaded(OVERLOADED_EXAMPLE, RETRY_AFTER_SECONDS)
+    unavailable = "The model is not loaded yet"
+    limit = "The body, the number of texts or one text is above the server's limit"
+    missing, wrong = KeyRejected(missing=True), KeyRejected(missing=False)
     return {
-        "MissingKey": {"description": "No API key: send X-Api-Key or Authorization: Bearer",
-                       "content": _json(_ref("schemas", "Error"), {"missing": ("No key", MISSING_KEY_BODY)})},
-        "WrongKey": {"description": "The API key is not valid",
-                     "content": _json(_ref("schemas", "Error"), {"wrong": ("Wrong key", INVALID_KEY_BODY)})},
-        "OpenAIUnauthorized": {"description": "No API key, or a wrong one (OpenAI's shape, for its SDKs)",
-                               "content": _json(_ref("schemas", "OpenAIError"), {
-                                   "missing": ("No key", openai_401), "wrong": ("Wrong key", openai_401_wrong)})},
-        "BadRequest": _error("The body is not JSON, or holds no text", "The request body is empty; send a JSON object"),
-        "Unprocessable": _error("JSON of the wrong shape; the message names the key or index",
-                                "'instances[1]' must be a string, not int"),
-        "TooLarge": _error("The body, the number of texts or one text is above the server's limit",
-                           "Too many texts: 5000 > 2048"),
-        "Overloaded": _error(OVERLOADED_DESCRIPTION, OVERLOADED_EXAMPLE,
-                             headers={"Retry-After": {"description": "Seconds to wait before retrying",
-                                                      "schema": {"type": "integer",
-                                                                 "example": RETRY_AFTER_SECONDS}}}),
-        "Unavailable": _error("The model is not loaded yet", f"Model with name {model_name} is not ready."),
-        "ModelNotFound": _error("No model of that name is served", "Model with name other does not exist."),
-        "OpenAITooLarge": {"description": "The body, the number of texts or one text is above the server's limit",
-                           "content": _json(_ref("schemas", "OpenAIError"), {"limit": ("Too many texts", {"error": {
-                               "message": "5000 texts in one request; the limit is 2048 (MAX_TEXTS_PER_REQUEST)",
-                               "type": "invalid_request_error", "param": None, "code": None}})})},
-        "OpenAIOverloaded": {"description": OVERLOADED_DESCRIPTION,
-                             "headers": {"Retry-After": {"description": "Seconds to wait before retrying",
-                                                         "schema": {"type": "integer"}}},
-                             "content": _json(_ref("schemas", "OpenAIError"), {"busy": ("Overloaded", {"error": {
-                                 "message": OVERLOADED_EXAMPLE, "type": "rate_limit_error",
-                                 "param": None, "code": None}})})},
+        "MissingKey": _error("No API key: send X-Api-Key or Authorization: Bearer", PLAIN_PATH,
+                             {"missing": ("No key", missing)}),
+        "WrongKey": _error("The API key is not valid", PLAIN_PATH, {"wrong": ("Wrong key", wrong)}),
+        "OpenAIUnauthorized": _error("No API key, or a wrong one (OpenAI's shape, for its SDKs)", OPENAI_PATH,
+                                     {"missing": ("No key", missing), "wrong": ("Wrong key", wrong)}),
+        "BadRequest": _error("The body is not JSON, or holds no text", PLAIN_PATH,
+                             {"error": ("Empty body", _raised(lambda: parse_json(b"")))}),
+        "Unprocessable": _error("JSON of the wrong shape; the message names the key or index", PLAIN_PATH, {
+            "error": ("Not a string", _raised(lambda: texts_from_instances({"instances": ["a", 1]})))}),
+        "TooLarge": _error(limit, PLAIN_PATH, {"error": ("Too many texts", too_many)}),
+        "Overloaded": _error(OVERLOADED_DESCRIPTION, PLAIN_PATH, {"error": ("Overloaded", overloaded)}),
+        "Unavailable": _error(unavailable, PLAIN_PATH, {"error": ("Loading", ModelNotReady(model_name))}),
+        "ModelNotFound": _error("No model of that name is served", PLAIN_PATH,
+                                {"error": ("Unknown model", ModelNotFound("other"))}),
+        "OpenAIBadRequest": _error("A body OpenAI's API would refuse; `param` names the field", OPENAI_PATH, {
+            "input": ("No input", _raised(lambda: parse_openai_embedding({"model": model_name}, model_name,
+                                                                        dimension)))}),
+        "OpenAIModelNotFound": _error("Another model was asked for", OPENAI_PATH, {
+            "model": ("Unknown model", _raised(lambda: parse_openai_embedding(
+                {"input": "x", "model": "text-embedding-3-small"}, model_name, dimension)))}),
+        "OpenAITooLarge": _error(limit, OPENAI_PATH, {"limit": ("Too many texts", too_many)}),
+        "OpenAIOverloaded": _error(OVERLOADED_DESCRIPTION, OPENAI_PATH, {"busy": ("Overloaded", overloaded)}),
+        "OpenAIUnavailable": _error(unavailable, OPENAI_PATH, {"loading": ("Loading", ModelNotReady(model_name))}),
     }
 
 
@@ -160,13 +192,13 @@ def _cost_headers() -> dict[str, dict]:
 
 
 def _embedding_errors(openai: bool) -> dict[str, dict]:
-    errors = {"413": _ref("responses", "TooLarge"), "429": _ref("responses", "Overloaded"),
-              "503": _ref("responses", "Unavailable")}
-    if openai:  # the OpenAI routes answer their limits in OpenAI's shape
-        errors |= {"413": _ref("responses", "OpenAITooLarge"), "429": _ref("responses", "OpenAIOverloaded")}
-    else:
-        errors |= {"400": _ref("responses", "BadRequest"), "422": _ref("responses", "Unprocessable")}
-    return errors
+    if openai:  # the OpenAI routes answer every error in OpenAI's shape
+        return {"400": _ref("responses", "OpenAIBadRequest"), "404": _ref("responses", "OpenAIModelNotFound"),
+                "413": _ref("responses", "OpenAITooLarge"), "429": _ref("responses", "OpenAIOverloaded"),
+                "503": _ref("responses", "OpenAIUnavailable")}
+    return {"400": _ref("responses", "BadRequest"), "422": _ref("responses", "Unprocessable"),
+            "413": _ref("responses", "TooLarge"), "429": _ref("responses", "Overloaded"),
+            "503": _ref("responses", "Unavailable")}
 
 
 def _operations(model_name: str, dimension: int) -> dict[tuple[str, str], dict]:
@@ -186,14 +218,6 @@ def _operations(model_name: str, dimension: int) -> dict[tuple[str, str], dict]:
                          "ids": ("For the ID form", {"doc1": str(EXAMPLE_VECTOR), "doc2": str(EXAMPLE_VECTOR)}),
                          "instances": ("For the instances form", predictions),
                      })}
-    openai_bad = {"description": "A body OpenAI's API would refuse; `param` names the field",
-                  "content": _json(_ref("schemas", "OpenAIError"), {"input": ("No input", {"error": {
-                      "message": "'input' is required: a string or a list of strings",
-                      "type": "invalid_request_error", "param": "input", "code": None}})})}
-    openai_not_found = {"description": "Another model was asked for", "content": _json(_ref("schemas", "OpenAIError"), {
-        "model": ("Unknown model", {"error": {
-            "message": f"The model 'text-embedding-3-small' does not exist; this server serves '{model_name}'",
-            "type": "invalid_request_error", "param": "model", "code": "model_not_found"}})})}
     openai_embeddings = {
         "summary": "Create embeddings (OpenAI-compatible)",
         "description": "OpenAI's embeddings API: point an OpenAI SDK's base_url at /openai/v1 (or /v1).",
@@ -208,7 +232,7 @@ def _operations(model_name: str, dimension: int) -> dict[tuple[str, str], dict]:
                         "object": "list",
                         "data": [{"object": "embedding", "index": 0, "embedding": EXAMPLE_VECTOR}],
                         "model": model_name, "usage": {"prompt_tokens": 9, "total_tokens": 9}})})},
-            "400": openai_bad, "404": openai_not_found, **_embedding_errors(openai=True),
+            **_embedding_errors(openai=True),
         },
     }
     infer_example = {"inputs": [{"name": "text", "shape": [2], "datatype": "BYTES", "data": texts}]}
@@ -309,7 +333,7 @@ def build_openapi(app: FastAPI, model_name: str, dimension: int) -> dict[str, An
     )
     components = document.setdefault("components", {})
     components.setdefault("schemas", {}).update(_schemas(model_name, dimension))
-    components.setdefault("responses", {}).update(_responses(model_name))
+    components.setdefault("responses", {}).update(_responses(model_name, dimension))
     if "HTTPValidationError" in components["schemas"]:  # FastAPI's own 422 for KServe's typed bodies
         components["responses"]["Unprocessable"]["content"]["application/json"]["schema"] = {
             "anyOf": [_ref("schemas", "Error"), _ref("schemas", "HTTPValidationError")]}
@@ -338,7 +362,7 @@ def build_openapi(app: FastAPI, model_name: str, dimension: int) -> dict[str, An
                 operation["security"] = []
                 continue
             operation["security"] = copy.deepcopy(SECURITY)
-            if path.startswith(OPENAI_PATH_PREFIXES):
+            if dialect(path) == OPENAI:
                 operation["responses"].setdefault("401", _ref("responses", "OpenAIUnauthorized"))
             else:
                 operation["responses"].setdefault("401", _ref("responses", "MissingKey"))

@@ -12,16 +12,12 @@ from kserve.protocol.dataplane import DataPlane
 from kserve.protocol.rest.v2_datamodels import InferenceResponse
 from kserve.protocol.rest.v2_endpoints import V2Endpoints
 
-from embedding_server.engine.batcher import Overloaded
-from embedding_server.operations.errors import BadRequest, TooLarge, Unprocessable
 from embedding_server.operations.settings import Settings
 from embedding_server.protocols.adapters import (
     BINARY,
     COMPUTE_TOKENS,
-    OpenAIRequestError,
     legacy_response,
     openai_embedding_response,
-    openai_error_body,
     parse_json,
     parse_legacy,
     parse_openai_embedding,
@@ -101,19 +97,9 @@ def register_openai_routes(app: FastAPI, dataplane: DataPlane, model_name: str, 
     """OpenAI's embeddings API over the same data plane: what the openai SDKs, LangChain and LlamaIndex call."""
 
     async def create_embedding(request: Request) -> ORJSONResponse:
-        headers: dict[str, str] = {}
-        try:
-            try:
-                parsed = parse_openai_embedding(parse_json(await request.body()), model_name, dimension)
-                result, cost = await dataplane.infer(model_name, {"instances": parsed.texts},
-                                                     dict(request.headers.items()))
-            except (BadRequest, Unprocessable, TooLarge) as exc:
-                raise OpenAIRequestError(exc.reason, status=exc.status) from None
-            except Overloaded as exc:
-                headers["Retry-After"] = str(exc.retry_after)
-                raise OpenAIRequestError(str(exc), status=429, type_="rate_limit_error") from None
-        except OpenAIRequestError as exc:
-            return ORJSONResponse(openai_error_body(exc), status_code=exc.status, headers=headers)
+        """Errors are raised: the error handlers answer them in OpenAI's shape on these paths."""
+        parsed = parse_openai_embedding(parse_json(await request.body()), model_name, dimension)
+        result, cost = await dataplane.infer(model_name, {"instances": parsed.texts}, dict(request.headers.items()))
         answer = openai_embedding_response(parsed, result["predictions"], int(cost[COMPUTE_TOKENS]))
         return ORJSONResponse(answer, headers=cost)
 
