@@ -11,18 +11,19 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the model is on disk; never reach for a hub
 
 import argparse
+import contextlib
 import logging
 import sys
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from kserve import Model, ModelServer
-from kserve.errors import InvalidInput
+from kserve import Model
 from kserve.protocol.infer_type import InferRequest, InferResponse
 
 from embedding_server.engine.backends import create_backend
 from embedding_server.engine.batcher import Batcher, Embedded
-from embedding_server.engine.model_dir import ModelDirError, check_model_dir
+from embedding_server.engine.model_dir import ModelDir, check_model_dir
 from embedding_server.operations.observability import configure_logging
 from embedding_server.operations.settings import DEFAULT_MAX_BATCH_TOKENS, Limits, Settings, SettingsError
 from embedding_server.protocols.adapters import (
@@ -102,8 +103,6 @@ class EmbeddingModel(Model):
 
     async def predict(self, payload: EmbedRequest, headers: dict[str, str] | None = None,
                       response_headers: dict[str, str] | None = None) -> EmbedResult:
-        if not isinstance(payload, EmbedRequest):
-            raise InvalidInput("predict expects the output of preprocess")
         return EmbedResult(payload, await self.batcher.embed(payload.texts))
 
     async def postprocess(self, result: EmbedResult, headers: dict[str, str] | None = None,
@@ -151,21 +150,42 @@ def load_or_exit(model: EmbeddingModel) -> None:
                  f"{type(exc).__name__}: {reason}")
 
 
-def main(argv: list[str] | None = None) -> None:
+@dataclass
+class StartUp:
+    settings: Settings
+    args: argparse.Namespace
+    model_dir: ModelDir | None  # None when the entry point serves no model directory of its own
+
+
+@contextlib.contextmanager
+def configuration_errors() -> Iterator[None]:
+    """A setting or model directory the operator must fix ends the start with one line, not a traceback."""
     try:
+        yield
+    except SettingsError as exc:  # ModelDirError too
+        sys.exit(f"Configuration error: {exc}")
+
+
+def start_up(argv: list[str] | None, make_parser: Callable[[Settings], argparse.ArgumentParser], scale_hint: str,
+             needs_model_dir: Callable[[argparse.Namespace], bool] = lambda args: True) -> StartUp:
+    """What every entry point does first: settings from the environment, logging, the flags, one worker, the model
+    directory checked (before anything slow starts), and the banner of a generated key."""
+    with configuration_errors():
         settings = Settings.from_env()
-    except SettingsError as exc:
-        sys.exit(f"Configuration error: {exc}")
     configure_logging(settings.log_level, settings.log_format)
-    args = build_parser(settings).parse_args(argv)
+    args = make_parser(settings).parse_args(argv)
     if args.workers != 1:
-        sys.exit("--workers must be 1: the batcher gathers all requests of one process; scale with replicas")
-    try:
-        model_dir = check_model_dir(args.model_path, trust_remote_code=args.trust_remote_code)
-    except ModelDirError as exc:
-        sys.exit(f"Configuration error: {exc}")
+        sys.exit(f"--workers must be 1: {scale_hint}")
+    with configuration_errors():
+        model_dir = check_model_dir(args.model_path, args.trust_remote_code) if needs_model_dir(args) else None
     if settings.api_key_generated:
         print_generated_key_banner(settings.api_keys[0])
+    return StartUp(settings, args, model_dir)
+
+
+def main(argv: list[str] | None = None) -> None:
+    started = start_up(argv, build_parser, "the batcher gathers all requests of one process; scale with replicas")
+    settings, args, model_dir = started.settings, started.args, started.model_dir
 
     from embedding_server.server import create_server
 
@@ -173,7 +193,7 @@ def main(argv: list[str] | None = None) -> None:
                            max_batch_tokens=settings.max_batch_tokens, limits=settings.limits,
                            cache_dir=settings.cache_dir, trust_remote_code=model_dir.has_code)
     load_or_exit(model)
-    server: ModelServer = create_server(model, settings, args, dimension=model.backend.dimension)
+    server = create_server(model, settings, args, dimension=model.backend.dimension)
     server.start([model])
 
 

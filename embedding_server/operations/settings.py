@@ -13,6 +13,7 @@ DEFAULT_GRPC_PORT = 8081
 # 8192 or faster (the activations stay in cache) and hold far less memory (~460 MB vs ~910 MB peak for a process
 # embedding long texts in full batches).
 DEFAULT_MAX_BATCH_TOKENS = 2048
+LOG_FORMATS = ("text", "json")
 TRUE_WORDS = {"1", "true", "yes", "on"}
 FALSE_WORDS = {"0", "false", "no", "off", ""}
 
@@ -190,7 +191,7 @@ class Settings:
             admin_api_keys=read_admin_keys(env, keys),
             grace_period=_int(env, "GRACE_PERIOD", DEFAULT_GRACE_PERIOD),
             log_level=env.get("LOG_LEVEL", "INFO").strip().upper() or "INFO",
-            log_format=_choice(env, "LOG_FORMAT", "text", ("text", "json")),
+            log_format=_choice(env, "LOG_FORMAT", LOG_FORMATS[0], LOG_FORMATS),
         )
 
     def __repr__(self) -> str:

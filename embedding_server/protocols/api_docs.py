@@ -21,6 +21,7 @@ from swagger_ui_bundle import swagger_ui_path
 
 from auth_middleware import DOCS_ASSETS, INVALID_KEY_BODY, MISSING_KEY_BODY, OPENAI_PATH_PREFIXES, is_public
 from embedding_server.operations.errors import RETRY_AFTER_SECONDS
+from embedding_server.operations.observability import COST_HEADERS
 from embedding_server.protocols.adapters import BINARY
 
 logger = logging.getLogger(__name__)
@@ -32,13 +33,6 @@ SWAGGER_JS, SWAGGER_CSS, SWAGGER_FAVICON = DOCS_ASSETS
 # Swagger UI checks the document with swagger.io's online validator by default (a badge, in some layouts): off.
 SWAGGER_UI_PARAMETERS = {"validatorUrl": None}
 SECURITY = [{"ApiKeyAuth": []}, {"BearerAuth": []}]  # either one
-COST_HEADER_DOCS = {
-    "x-compute-texts": "Texts embedded",
-    "x-compute-tokens": "Tokens embedded, after truncation",
-    "x-truncated-texts": "Texts cut at the model's token limit",
-    "x-compute-time": "Model time in milliseconds",
-    "x-queue-time": "Milliseconds waited for a batch",
-}
 _PATH_PARAM = re.compile(r"\{[^}]+\}")
 # KServe routes for features this server does not serve (model versions, explainers): left out of the document.
 UNSERVED = re.compile(r"/versions/|:explain$")
@@ -155,7 +149,7 @@ def _responses(model_name: str) -> dict[str, dict]:
 
 
 def _cost_headers() -> dict[str, dict]:
-    return {name: {"description": text, "schema": {"type": "string"}} for name, text in COST_HEADER_DOCS.items()}
+    return {name: {"description": text, "schema": {"type": "string"}} for name, text in COST_HEADERS.items()}
 
 
 def _embedding_errors(openai: bool) -> dict[str, dict]:
