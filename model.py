@@ -21,7 +21,7 @@ from typing import Any
 from kserve import Model
 from kserve.protocol.infer_type import InferRequest, InferResponse
 
-from embedding_server.engine.backends import create_backend
+from embedding_server.engine.backends import Backend, create_backend
 from embedding_server.engine.batcher import Batcher, Embedded
 from embedding_server.engine.model_dir import ModelDir, check_model_dir
 from embedding_server.operations.observability import configure_logging
@@ -56,7 +56,8 @@ class EmbedResult:
 class EmbeddingModel(Model):
     def __init__(self, name: str, model_path: str, backend: str = "auto", precision: str = "auto",
                  max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS, limits: Limits | None = None, threads: int | None = None,
-                 cache_dir: str | None = None, trust_remote_code: bool = False):
+                 cache_dir: str | None = None, trust_remote_code: bool = False,
+                 backend_factory: Callable[..., Backend] = create_backend):
         super().__init__(name, return_response_headers=True)
         self.model_path = model_path
         self.trust_remote_code = trust_remote_code  # the model's own Python code may run (model_dir.py decides)
@@ -66,13 +67,14 @@ class EmbeddingModel(Model):
         self.limits = limits or Limits()
         self.threads = threads  # None: every core this process may use
         self.cache_dir = cache_dir  # where converted models are kept; None: the backends' default
+        self.backend_factory = backend_factory  # tests plug in a small deterministic backend here
         self.backend = None
         self.batcher: Batcher | None = None
 
     def load(self) -> bool:
-        self.backend = create_backend(self.model_path, backend=self.backend_name, precision=self.precision,
-                                      threads=self.threads, cache_dir=self.cache_dir,
-                                      trust_remote_code=self.trust_remote_code)
+        self.backend = self.backend_factory(self.model_path, backend=self.backend_name, precision=self.precision,
+                                            threads=self.threads, cache_dir=self.cache_dir,
+                                            trust_remote_code=self.trust_remote_code)
         self.batcher = Batcher(self.backend, max_batch_tokens=self.max_batch_tokens,
                                max_queued_texts=self.limits.max_queued_texts,
                                max_queue_seconds=self.limits.max_queue_seconds)

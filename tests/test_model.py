@@ -63,6 +63,18 @@ def test_v1_keeps_order_and_tells_texts_apart(server, reference):
     assert similarity[0, 2] > similarity[0, 1] and similarity[1, 3] > similarity[1, 2]
 
 
+def test_similar_texts_are_closer_than_unrelated_ones(server):
+    """Moved from test_fuzz (which now fuzzes the wiring over a hash backend): the real model's answers mean something."""
+    texts = ["A cat sits on the mat.", "A kitten is sitting on a rug.", "Stock markets fell sharply today."]
+    response = post(server, V1, {"instances": texts})
+    assert response.status_code == 200, response.text
+    vectors = np.asarray(response.json()["predictions"])
+    assert vectors.shape == (3, 384)
+    assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-3)
+    similar, unrelated = cosines(vectors[:1], vectors[1:2])[0], cosines(vectors[:1], vectors[2:])[0]
+    assert similar > 0.5 > unrelated, (similar, unrelated)
+
+
 def test_truncates_at_256_tokens_not_128(server, reference, model_path):
     from sentence_transformers import SentenceTransformer
 
