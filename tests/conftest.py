@@ -256,15 +256,19 @@ def cosines(a, b) -> np.ndarray:
 class HashBackend:
     """A small deterministic backend for protocol, error, auth and fuzz tests: one token per word (a hash) between
     [CLS] and [SEP], cut at max_seq_length, and per text a unit vector drawn from a hash of its token ids. The same
-    text always gets the same vector; different texts get unrelated ones. Nothing here means anything."""
+    text always gets the same vector; different texts get unrelated ones. Nothing here means anything.
+
+    `seconds_per_token` makes embed take time in proportion to its work (sleeping, so the GIL is free), for tests
+    of queues, overload and disconnects."""
 
     name = "hash"
 
-    def __init__(self, dimension: int = 384, max_seq_length: int = 256):
+    def __init__(self, dimension: int = 384, max_seq_length: int = 256, seconds_per_token: float = 0.0):
         from embedding_server.engine.backends import EXACT
 
         self.dimension = dimension
         self.max_seq_length = max_seq_length
+        self.seconds_per_token = seconds_per_token
         self.shapes = EXACT
 
     def tokenize(self, texts: list[str]) -> list:
@@ -282,6 +286,8 @@ class HashBackend:
         return tokenized
 
     def embed(self, batch: Sequence[np.ndarray]) -> np.ndarray:
+        if self.seconds_per_token:
+            time.sleep(self.seconds_per_token * max(len(ids) for ids in batch) * len(batch))
         rows = []
         for ids in batch:
             seed = int.from_bytes(hashlib.blake2b(np.asarray(ids, dtype=np.int32).tobytes(), digest_size=8).digest(),
@@ -291,9 +297,19 @@ class HashBackend:
         return np.stack(rows)
 
 
+def hash_vectors(texts: list[str]) -> np.ndarray:
+    """What HashBackend answers for `texts`: an in-process server's vectors must be these, bit for bit."""
+    backend = HashBackend()
+    return backend.embed([tokenized.ids for tokenized in backend.tokenize(texts)])
+
+
 def hash_backend(model_path: str, **_: object) -> HashBackend:
     """A backend_factory for EmbeddingModel: HashBackend, whatever the model directory."""
     return HashBackend()
+
+
+def slow_hash_backend(seconds_per_token: float) -> Callable[..., HashBackend]:
+    return lambda model_path, **_: HashBackend(seconds_per_token=seconds_per_token)
 
 
 class InProcessServer(LoopbackEndpoints):
