@@ -376,20 +376,28 @@ def test_health_and_key_info_bodies(server):
     assert TEST_KEY not in info.text
 
 
-def test_generated_key_is_printed_once_and_shown_only_when_asked(tmp_path):
-    shown = start_server(tmp_path, env={"SHOW_API_KEY_INFO": "true"}, key=None)
-    try:
-        log = shown.log()
-        assert log.count("WARNING: No API_KEY environment variable set!") == 1
-        printed = re.findall(r"Generated API Key: (\S+)", log)
-        assert len(printed) == 1 and len(printed[0]) >= 32
-        key = printed[0]
-        assert requests.get(f"{shown.url}/api-key-info", timeout=10).json()["api_key"] == key
-        ok = requests.post(f"{shown.url}/embedding", json={"a": "hi"}, headers={"X-Api-Key": key}, timeout=30)
-        assert ok.status_code == 200
-        assert log.count(key) == 1, "the key appears in the log only in the banner"
-    finally:
-        shown.stop()
+@pytest.fixture(scope="module")
+def started_bare(tmp_path_factory):
+    """One start for the start-up tests below: no API_KEY (the key is generated), SHOW_API_KEY_INFO, MODEL_NAME,
+    and the port given as KServe's --http_port flag while PORT names another."""
+    running = start_server(tmp_path_factory.mktemp("bare"), env={"SHOW_API_KEY_INFO": "true", "MODEL_NAME": "minilm"},
+                           key=None, port_flag=True)
+    log = running.log()
+    printed = re.findall(r"Generated API Key: (\S+)", log)
+    running.key = printed[0] if printed else None
+    yield running, log, printed
+    running.stop()
+
+
+def test_generated_key_is_printed_once_and_shown_only_when_asked(started_bare):
+    shown, log, printed = started_bare
+    assert log.count("WARNING: No API_KEY environment variable set!") == 1
+    assert len(printed) == 1 and len(printed[0]) >= 32
+    key = printed[0]
+    assert requests.get(f"{shown.url}/api-key-info", timeout=10).json()["api_key"] == key
+    ok = requests.post(f"{shown.url}/embedding", json={"a": "hi"}, headers={"X-Api-Key": key}, timeout=30)
+    assert ok.status_code == 200
+    assert shown.log().count(key) == 1, "the key appears in the log only in the banner"
 
 
 # --- The seed README's curl examples -------------------------------------------------------------------------
@@ -483,14 +491,11 @@ def test_server_keeps_serving_after_bad_requests(server, reference):
 
 # --- Start-up options -----------------------------------------------------------------------------------------
 
-def test_kserve_flags_and_model_name_are_honoured(tmp_path, reference):
-    custom = start_server(tmp_path, env={"MODEL_NAME": "minilm"}, port_flag=True)
-    try:
-        assert custom.env["PORT"] != str(custom.http_port)  # the flag wins over PORT
-        response = requests.post(f"{custom.url}/v1/models/minilm:predict", json={"instances": ["flag"]},
-                                 headers=custom.headers(), timeout=30)
-        assert response.status_code == 200
-        assert_matches_reference(response.json()["predictions"], ["flag"], reference, floor=0.9999)
-        assert requests.get(f"{custom.url}/health", timeout=10).json()["model"] == "minilm"
-    finally:
-        custom.stop()
+def test_kserve_flags_and_model_name_are_honoured(started_bare, reference):
+    custom, _, _ = started_bare
+    assert custom.env["PORT"] != str(custom.http_port)  # the flag wins over PORT
+    response = requests.post(f"{custom.url}/v1/models/minilm:predict", json={"instances": ["flag"]},
+                             headers=custom.headers(), timeout=30)
+    assert response.status_code == 200
+    assert_matches_reference(response.json()["predictions"], ["flag"], reference, floor=0.9999)
+    assert requests.get(f"{custom.url}/health", timeout=10).json()["model"] == "minilm"

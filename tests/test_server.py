@@ -7,7 +7,7 @@ import requests
 from kserve.protocol.grpc import grpc_predict_v2_pb2 as pb
 from kserve.protocol.grpc import grpc_predict_v2_pb2_grpc as pb_grpc
 
-from conftest import MODEL_NAME, TEST_KEY, cosines, grpc_infer, start_server
+from conftest import MODEL_NAME, TEST_KEY, InProcessServer, cosines, grpc_infer
 
 ADMIN_KEY = "admin-key-5d1e0b"
 REPOSITORY_ROUTES = [f"/v2/repository/models/{MODEL_NAME}/unload", f"/v2/repository/models/{MODEL_NAME}/load",
@@ -53,9 +53,9 @@ def test_the_repository_extension_is_off_by_default(server, reference):
 
 
 @pytest.fixture(scope="module")
-def admin_server(tmp_path_factory):
-    running = start_server(tmp_path_factory.mktemp("admin"), env={"BACKEND": "torch", "PRECISION": "fp32",
-                                                                  "ADMIN_API_KEY": ADMIN_KEY})
+def admin_server():
+    """The production wiring in-process over the hash backend: what is tested is who may unload, and what follows."""
+    running = InProcessServer(env={"ADMIN_API_KEY": ADMIN_KEY})
     yield running
     running.stop()
 
