@@ -8,7 +8,10 @@ check this module against the new KServe's source then, and bump KSERVE_VERSION.
 """
 from __future__ import annotations
 
+from importlib import metadata
+
 from fastapi import FastAPI
+from fastapi.responses import ORJSONResponse
 from kserve import Model, ModelServer
 from kserve.protocol.dataplane import DataPlane
 from kserve.protocol.model_repository_extension import ModelRepositoryExtension
@@ -29,6 +32,12 @@ def kserve_app() -> FastAPI:
     from kserve.model_server import app
 
     return app
+
+
+def fresh_app() -> FastAPI:
+    """A new app made as KServe makes its own (kserve/model_server.py): ORJSON answers, no ReDoc, no docs page."""
+    return FastAPI(title="KServe ModelServer", version=metadata.version("kserve"), docs_url=None, redoc_url=None,
+                   default_response_class=ORJSONResponse)
 
 
 def _rest_server(app: FastAPI | str, data_plane: DataPlane, access_log_format: str | None = None,

@@ -321,10 +321,9 @@ class InProcessServer(LoopbackEndpoints):
     def __init__(self, env: dict[str, str] | None = None, key: str | None = TEST_KEY,
                  backend_factory: Callable = hash_backend):
         import uvicorn
-        from fastapi import FastAPI
         from kserve.model_repository import ModelRepository
 
-        from embedding_server.kserve_adapter import uvicorn_config
+        from embedding_server.kserve_adapter import fresh_app, uvicorn_config
         from embedding_server.operations.connection_guard import guarded_http_protocol
         from embedding_server.operations.settings import Settings
         from embedding_server.server import ServingDataPlane, install_app
@@ -343,7 +342,7 @@ class InProcessServer(LoopbackEndpoints):
         repository = ModelRepository()
         repository.update(self.model)
         self.data_plane = ServingDataPlane(repository, self.model.name)
-        self.app = install_app(FastAPI(), self.data_plane, self.model.name, settings, self.model.backend.dimension)
+        self.app = install_app(fresh_app(), self.data_plane, self.model.name, settings, self.model.backend.dimension)
         self.http_port = free_port()
         config = uvicorn_config(self.app, self.data_plane, port=self.http_port, grace_period=5, event_loop="asyncio",
                                 timeout_keep_alive=5)
