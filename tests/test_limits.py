@@ -290,10 +290,10 @@ def test_unicode_of_every_kind_is_embedded(server, route, reference):
     b'{"a": "bad \xff\xfe utf-8"}',
     b'{"instances": ["\\ud83d"]}',
 ])
-def test_broken_unicode_is_a_4xx_never_a_500(server, route, raw):
+def test_broken_unicode_is_a_4xx_never_a_500(app_server, route, raw):
     if route == "/openai/v1/embeddings":
         raw = raw.replace(b'{"a": ', b'{"input": ').replace(b'{"instances": ', b'{"input": ')
-    response = requests.post(server.url + route, data=raw, headers=server.headers(), timeout=30)
+    response = requests.post(app_server.url + route, data=raw, headers=app_server.headers(), timeout=30)
     assert response.status_code < 500, response.text
     if response.status_code != 200:
         assert response.json()
@@ -321,8 +321,8 @@ BYPASSES = [
 
 
 @pytest.mark.parametrize("method,path,headers", BYPASSES)
-def test_no_bypass(server, method, path, headers):
-    response = requests.request(method, server.url + path, data=json.dumps({"a": "text"}),
+def test_no_bypass(app_server, method, path, headers):
+    response = requests.request(method, app_server.url + path, data=json.dumps({"a": "text"}),
                                 headers={"Content-Type": "application/json", **headers}, timeout=30)
     assert response.status_code == 401, (response.status_code, response.text)
     if method != "HEAD":
@@ -346,9 +346,9 @@ def raw_post(server, path: str, headers: dict[str, str]) -> int:
     (f" {TEST_KEY}x ", 403),
     (f"{TEST_KEY[:-1]} {TEST_KEY[-1]}", 403),
 ])
-def test_keys_with_whitespace(server, value, status):
-    assert raw_post(server, "/embedding", {"X-Api-Key": value}) == status
-    assert raw_post(server, "/embedding", {"Authorization": f"Bearer {value}"}) == status
+def test_keys_with_whitespace(app_server, value, status):
+    assert raw_post(app_server, "/embedding", {"X-Api-Key": value}) == status
+    assert raw_post(app_server, "/embedding", {"Authorization": f"Bearer {value}"}) == status
 
 
 def test_keys_are_never_logged_or_echoed(server):

@@ -119,9 +119,9 @@ def test_v2_health_is_public(server, path):
     assert response.json().get("live", response.json().get("ready")) is True
 
 
-def test_v2_rejects_a_non_bytes_tensor(server):
+def test_v2_rejects_a_non_bytes_tensor(app_server):
     body = {"inputs": [{"name": "text", "shape": [2], "datatype": "FP32", "data": [1.0, 2.0]}]}
-    response = post(server, V2, body)
+    response = post(app_server, V2, body)
     assert response.status_code == 422
     assert "BYTES" in response.json()["error"]
 
@@ -165,16 +165,16 @@ BAD_V2_BODIES = {  # name: (body, Inference-Header-Content-Length or None, expec
 
 
 @pytest.mark.parametrize("name", list(BAD_V2_BODIES))
-def test_v2_bad_input_is_a_4xx_in_our_error_shape(server, name):
+def test_v2_bad_input_is_a_4xx_in_our_error_shape(app_server, name):
     """Each answered 500 (or FastAPI's {"detail": ...}) before: the client's error, in the one JSON error shape."""
     body, header_length, status = BAD_V2_BODIES[name]
-    headers = server.headers() if header_length is None else {
+    headers = app_server.headers() if header_length is None else {
         "X-Api-Key": TEST_KEY, "Inference-Header-Content-Length": header_length,
         "Content-Type": "application/octet-stream"}
-    response = post(server, V2, body, headers=headers)
+    response = post(app_server, V2, body, headers=headers)
     assert response.status_code == status, response.text
     assert list(response.json()) == ["error"], response.text
-    assert post(server, V2, v2_body(["still serving"])).status_code == 200
+    assert post(app_server, V2, v2_body(["still serving"])).status_code == 200
 
 
 def test_v2_binary_extension_in_and_out_matches_sentence_transformers(server, reference):
@@ -208,9 +208,9 @@ EMPTY_BODIES = {
 
 
 @pytest.mark.parametrize("path", list(EMPTY_BODIES))
-def test_empty_input_is_400_on_every_route(server, path):
+def test_empty_input_is_400_on_every_route(app_server, path):
     """The README's rule: nothing to embed is the client's error (V1 and V2 answered 200 with nothing)."""
-    response = post(server, path, EMPTY_BODIES[path])
+    response = post(app_server, path, EMPTY_BODIES[path])
     assert response.status_code == 400, response.text
     assert "error" in response.json()
 
@@ -228,9 +228,9 @@ def test_grpc_infer_matches_sentence_transformers(server, reference, metadata):
     ((("x-api-key", "wrong"),), grpc.StatusCode.PERMISSION_DENIED),
     ((("authorization", "Bearer wrong"),), grpc.StatusCode.PERMISSION_DENIED),
 ])
-def test_grpc_requires_the_key(server, metadata, code):
+def test_grpc_requires_the_key(app_server, metadata, code):
     with pytest.raises(grpc.RpcError) as caught:
-        grpc_infer(server, ["hello"], metadata)
+        grpc_infer(app_server, ["hello"], metadata)
     assert caught.value.code() == code
     assert TEST_KEY not in (caught.value.details() or "")
 
@@ -295,12 +295,12 @@ BAD_GRPC_REQUESTS = {
 
 
 @pytest.mark.parametrize("name", list(BAD_GRPC_REQUESTS))
-def test_grpc_bad_input_is_invalid_argument(server, name):
-    """The client's error, never INTERNAL or UNKNOWN; and the server keeps serving."""
+def test_grpc_bad_input_is_invalid_argument(app_server, name):
+    """The client's error, never INTERNAL or UNKNOWN; and the app_server keeps serving."""
     with pytest.raises(grpc.RpcError) as caught:
-        model_infer(server, BAD_GRPC_REQUESTS[name])
+        model_infer(app_server, BAD_GRPC_REQUESTS[name])
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, caught.value.details()
-    assert model_infer(server, typed_grpc_request([b"still serving"], [1])).outputs[0].shape == [1, 384]
+    assert model_infer(app_server, typed_grpc_request([b"still serving"], [1])).outputs[0].shape == [1, 384]
 
 
 UNDECODABLE = {
@@ -311,9 +311,9 @@ UNDECODABLE = {
 
 
 @pytest.mark.parametrize("name", list(UNDECODABLE))
-def test_grpc_message_that_does_not_parse_is_invalid_argument(server, name):
+def test_grpc_message_that_does_not_parse_is_invalid_argument(app_server, name):
     """grpc answered UNKNOWN for the deserializer's DecodeError; the key is still checked first."""
-    with grpc.insecure_channel(server.grpc_target) as channel:
+    with grpc.insecure_channel(app_server.grpc_target) as channel:
         call = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
         with pytest.raises(grpc.RpcError) as caught:
             call(UNDECODABLE[name], metadata=(("x-api-key", TEST_KEY),), timeout=30)
@@ -321,11 +321,11 @@ def test_grpc_message_that_does_not_parse_is_invalid_argument(server, name):
         with pytest.raises(grpc.RpcError) as caught:
             call(UNDECODABLE[name], timeout=30)
         assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
-    assert model_infer(server, typed_grpc_request([b"still serving"], [1])).outputs[0].shape == [1, 384]
+    assert model_infer(app_server, typed_grpc_request([b"still serving"], [1])).outputs[0].shape == [1, 384]
 
 
-def test_grpc_model_unload_requires_the_key(server):
-    with grpc.insecure_channel(server.grpc_target) as channel:
+def test_grpc_model_unload_requires_the_key(app_server):
+    with grpc.insecure_channel(app_server.grpc_target) as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
         with pytest.raises(grpc.RpcError) as caught:
             stub.RepositoryModelUnload(pb.RepositoryModelUnloadRequest(model_name=MODEL_NAME), timeout=10)
@@ -461,21 +461,21 @@ BAD_BODIES = [
 
 
 @pytest.mark.parametrize("path,body,status,words", BAD_BODIES)
-def test_bad_input_gets_a_clear_json_error(server, path, body, status, words):
-    response = post(server, path, body)
+def test_bad_input_gets_a_clear_json_error(app_server, path, body, status, words):
+    response = post(app_server, path, body)
     assert response.status_code == status, response.text
     assert words in response.json()["error"]
     assert "Traceback" not in response.text
 
 
-def test_unknown_model_is_404(server):
-    response = post(server, "/v1/models/no-such-model:predict", {"instances": ["a"]})
+def test_unknown_model_is_404(app_server):
+    response = post(app_server, "/v1/models/no-such-model:predict", {"instances": ["a"]})
     assert response.status_code == 404
     assert "no-such-model" in response.json()["error"]
 
 
-def test_wrong_method_is_405_json(server):
-    response = requests.get(f"{server.url}/embedding", headers=server.headers(), timeout=10)
+def test_wrong_method_is_405_json(app_server):
+    response = requests.get(f"{app_server.url}/embedding", headers=app_server.headers(), timeout=10)
     assert response.status_code == 405
     assert response.json()
 
