@@ -11,18 +11,18 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the model is on disk; never reach for a hub
 
 import argparse
+import contextlib
 import logging
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from kserve import Model, ModelServer
-from kserve.errors import InvalidInput
+from kserve import Model
 from kserve.protocol.infer_type import InferRequest, InferResponse
 
 from auth_middleware import AUTHORIZATION_HEADER, KEY_HEADER, presented_keys
-from embedding_server.engine.backends import create_backend
+from embedding_server.engine.backends import Backend, create_backend
 from embedding_server.engine.batcher import Batcher, Embedded
 from embedding_server.engine.cache import (
     NAMESPACE_HEADER,
@@ -31,7 +31,7 @@ from embedding_server.engine.cache import (
     model_identity,
     namespace_of,
 )
-from embedding_server.engine.model_dir import ModelDirError, check_model_dir
+from embedding_server.engine.model_dir import ModelDir, check_model_dir
 from embedding_server.operations.observability import configure_logging
 from embedding_server.operations.settings import (
     DEFAULT_EMBEDDING_CACHE_MB,
@@ -82,7 +82,8 @@ class EmbeddingModel(Model):
     def __init__(self, name: str, model_path: str, backend: str = "auto", precision: str = "auto",
                  max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS, limits: Limits | None = None, threads: int | None = None,
                  cache_dir: str | None = None, trust_remote_code: bool = False,
-                 embedding_cache_mb: int = DEFAULT_EMBEDDING_CACHE_MB, streams: Streams | None = None):
+                 embedding_cache_mb: int = DEFAULT_EMBEDDING_CACHE_MB, streams: Streams | None = None,
+                 backend_factory: Callable[..., Backend] = create_backend):
         super().__init__(name, return_response_headers=True)
         self.model_path = model_path
         self.trust_remote_code = trust_remote_code  # the model's own Python code may run (model_dir.py decides)
@@ -93,15 +94,16 @@ class EmbeddingModel(Model):
         self.threads = threads  # None: every core this process may use
         self.cache_dir = cache_dir  # where converted models are kept; None: the backends' default
         self.streams = streams or Streams()
+        self.backend_factory = backend_factory  # tests plug in a small deterministic backend here
         self.backend = None
         self.batcher: Batcher | None = None
         self.embedding_cache_mb = embedding_cache_mb  # 0: no cache
         self.embedder: CachingEmbedder | None = None
 
     def load(self) -> bool:
-        self.backend = create_backend(self.model_path, backend=self.backend_name, precision=self.precision,
-                                      threads=self.threads, cache_dir=self.cache_dir,
-                                      trust_remote_code=self.trust_remote_code, streams=self.streams.streams)
+        self.backend = self.backend_factory(self.model_path, backend=self.backend_name, precision=self.precision,
+                                            threads=self.threads, cache_dir=self.cache_dir,
+                                            trust_remote_code=self.trust_remote_code, streams=self.streams.streams)
         self.batcher = Batcher(self.backend, max_batch_tokens=self.max_batch_tokens,
                                max_queued_texts=self.limits.max_queued_texts,
                                max_queue_seconds=self.limits.max_queue_seconds, streams=self.backend.streams,
@@ -139,8 +141,6 @@ class EmbeddingModel(Model):
 
     async def predict(self, payload: EmbedRequest, headers: dict[str, str] | None = None,
                       response_headers: dict[str, str] | None = None) -> EmbedResult:
-        if not isinstance(payload, EmbedRequest):
-            raise InvalidInput("predict expects the output of preprocess")
         return EmbedResult(payload, await self.embedder.embed(payload.texts, cache_namespace(headers)))
 
     async def postprocess(self, result: EmbedResult, headers: dict[str, str] | None = None,
@@ -188,21 +188,42 @@ def load_or_exit(model: EmbeddingModel) -> None:
                  f"{type(exc).__name__}: {reason}")
 
 
-def main(argv: list[str] | None = None) -> None:
+@dataclass
+class StartUp:
+    settings: Settings
+    args: argparse.Namespace
+    model_dir: ModelDir | None  # None when the entry point serves no model directory of its own
+
+
+@contextlib.contextmanager
+def configuration_errors() -> Iterator[None]:
+    """A setting or model directory the operator must fix ends the start with one line, not a traceback."""
     try:
+        yield
+    except SettingsError as exc:  # ModelDirError too
+        sys.exit(f"Configuration error: {exc}")
+
+
+def start_up(argv: list[str] | None, make_parser: Callable[[Settings], argparse.ArgumentParser], scale_hint: str,
+             needs_model_dir: Callable[[argparse.Namespace], bool] = lambda args: True) -> StartUp:
+    """What every entry point does first: settings from the environment, logging, the flags, one worker, the model
+    directory checked (before anything slow starts), and the banner of a generated key."""
+    with configuration_errors():
         settings = Settings.from_env()
-    except SettingsError as exc:
-        sys.exit(f"Configuration error: {exc}")
     configure_logging(settings.log_level, settings.log_format)
-    args = build_parser(settings).parse_args(argv)
+    args = make_parser(settings).parse_args(argv)
     if args.workers != 1:
-        sys.exit("--workers must be 1: the batcher gathers all requests of one process; scale with replicas")
-    try:
-        model_dir = check_model_dir(args.model_path, trust_remote_code=args.trust_remote_code)
-    except ModelDirError as exc:
-        sys.exit(f"Configuration error: {exc}")
+        sys.exit(f"--workers must be 1: {scale_hint}")
+    with configuration_errors():
+        model_dir = check_model_dir(args.model_path, args.trust_remote_code) if needs_model_dir(args) else None
     if settings.api_key_generated:
         print_generated_key_banner(settings.api_keys[0])
+    return StartUp(settings, args, model_dir)
+
+
+def main(argv: list[str] | None = None) -> None:
+    started = start_up(argv, build_parser, "the batcher gathers all requests of one process; scale with replicas")
+    settings, args, model_dir = started.settings, started.args, started.model_dir
 
     from embedding_server.server import create_server
 
@@ -211,7 +232,7 @@ def main(argv: list[str] | None = None) -> None:
                            cache_dir=settings.cache_dir, trust_remote_code=model_dir.has_code,
                            embedding_cache_mb=settings.embedding_cache_mb, streams=settings.streams)
     load_or_exit(model)
-    server: ModelServer = create_server(model, settings, args, dimension=model.backend.dimension)
+    server = create_server(model, settings, args, dimension=model.backend.dimension)
     server.start([model])
 
 

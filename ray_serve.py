@@ -44,17 +44,15 @@ from ray.serve.exceptions import (
 from ray.serve.handle import DeploymentHandle
 
 from embedding_server.engine.cache import NAMESPACE_HEADER
-from embedding_server.engine.model_dir import ModelDirError, check_model_dir
 from embedding_server.operations.errors import ReplicaUnavailable
 from embedding_server.operations.settings import (
     DEFAULT_MAX_BATCH_TOKENS,
     TRUE_WORDS,
     Limits,
     Settings,
-    SettingsError,
     read_number,
 )
-from model import EmbeddingModel, build_parser, cache_namespace, print_generated_key_banner
+from model import EmbeddingModel, build_parser, cache_namespace, configuration_errors, start_up
 
 logger = logging.getLogger(__name__)
 
@@ -311,14 +309,12 @@ def wait_for_app(app_name: str, timeout: float) -> DeploymentHandle:
 
 
 def main(argv: list[str] | None = None) -> None:
-    try:
-        settings = Settings.from_env()
+    with configuration_errors():
         ray_settings = RaySettings.from_env()
-    except SettingsError as exc:
-        sys.exit(f"Configuration error: {exc}")
-    args = build_ray_parser(settings, ray_settings).parse_args(argv)
-    if args.workers != 1:
-        sys.exit("--workers must be 1: scale with Ray replicas (RAY_MIN_REPLICAS / RAY_MAX_REPLICAS)")
+    started = start_up(argv, lambda settings: build_ray_parser(settings, ray_settings),
+                       "scale with Ray replicas (RAY_MIN_REPLICAS / RAY_MAX_REPLICAS)",
+                       needs_model_dir=lambda args: not args.attach)
+    settings, args, model_dir = started.settings, started.args, started.model_dir
     if not 0 <= args.min_replicas <= args.max_replicas or args.max_replicas < 1:
         sys.exit("Configuration error: need 0 <= min_replicas <= max_replicas and max_replicas >= 1")
     ray_settings = RaySettings(**{
@@ -326,12 +322,6 @@ def main(argv: list[str] | None = None) -> None:
         "target_ongoing_requests": args.target_ongoing_requests, "replica_cpus": args.replica_cpus,
         "num_cpus": args.ray_num_cpus, "attach": args.attach,
     })
-    try:
-        model_dir = None if ray_settings.attach else check_model_dir(args.model_path, args.trust_remote_code)
-    except ModelDirError as exc:
-        sys.exit(f"Configuration error: {exc}")
-    if settings.api_key_generated:
-        print_generated_key_banner(settings.api_keys[0])
 
     if os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=False)

@@ -1,6 +1,7 @@
-"""Wires the model into KServe's ModelServer: our routes, middleware and error handlers on its FastAPI app,
-its gRPC server with the API-key interceptor, health that follows the model, and a shutdown that drains
-HTTP and gRPC together before the model is unloaded."""
+"""Wires the model into a server: install_app puts our routes, middleware, error handlers and docs on any FastAPI
+app (KServe's in production, fresh ones in tests), build_grpc_server makes the gRPC server with the API-key
+interceptor, ServingDataPlane makes health follow the model, and EmbeddingModelServer drains HTTP and gRPC together
+before the model is unloaded."""
 from __future__ import annotations
 
 import argparse
@@ -16,26 +17,23 @@ import uvicorn
 from fastapi import FastAPI
 from grpc import aio
 from kserve import Model, ModelServer
-from kserve.constants.constants import FASTAPI_APP_IMPORT_STRING
 from kserve.errors import ModelNotReady, ServerNotLive
 from kserve.model_repository import ModelRepository
-from kserve.model_server import app
 from kserve.protocol.dataplane import DataPlane
 from kserve.protocol.grpc import grpc_predict_v2_pb2_grpc
 from kserve.protocol.grpc.interceptors import LoggingInterceptor
-from kserve.protocol.grpc.server import GRPCServer
-from kserve.protocol.rest.server import RESTServer
+from kserve.protocol.model_repository_extension import ModelRepositoryExtension
 from starlette.middleware.cors import CORSMiddleware
 from timing_asgi import TimingMiddleware
 
 from auth_middleware import ApiKeyMiddleware, GrpcApiKeyInterceptor
+from embedding_server.kserve_adapter import install_kserve_rest, kserve_app, register_models, uvicorn_config
 from embedding_server.operations.admin import GrpcRepositoryInterceptor, RepositoryGuardMiddleware
 from embedding_server.operations.connection_guard import guarded_http_protocol
 from embedding_server.operations.errors import GrpcErrorInterceptor, register_error_handlers
 from embedding_server.operations.limits import BodyGuardMiddleware
-from embedding_server.operations.observability import ObservabilityMiddleware
-from embedding_server.operations.settings import Connections, Settings
-from embedding_server.protocols.adapters import COST_HEADERS
+from embedding_server.operations.observability import COST_HEADERS, REQUEST_ID_HEADER, ObservabilityMiddleware
+from embedding_server.operations.settings import Settings
 from embedding_server.protocols.api_docs import install_api_docs
 from embedding_server.protocols.grpc_v2 import EmbeddingServicer, MalformedMessageInterceptor
 from embedding_server.protocols.routes import register_legacy_routes, register_openai_routes, register_v2_infer_routes
@@ -46,30 +44,45 @@ CORS_METHODS = ["OPTIONS", "POST", "GET"]
 CORS_HEADERS = ["Content-Type", "X-Api-Key", "Authorization"]
 
 
-class AuthGRPCServer(GRPCServer):
-    """KServe's gRPC V2 server with the API-key and repository interceptors in front of its own two."""
+def build_grpc_server(data_plane: DataPlane, settings: Settings, max_workers: int,
+                      max_send_bytes: int | None = None, max_receive_bytes: int | None = None) -> aio.Server:
+    """The gRPC V2 server, bound to no port yet: the API-key, malformed-message and repository interceptors in
+    front of KServe's logging one and our error mapping, and the servicer that decodes what stock clients send."""
+    options = [("grpc.max_send_message_length", max_send_bytes), ("grpc.max_receive_message_length", max_receive_bytes)]
+    server = aio.server(
+        futures.ThreadPoolExecutor(max_workers=max_workers),
+        interceptors=(GrpcApiKeyInterceptor(settings.api_keys + settings.admin_api_keys), MalformedMessageInterceptor(),
+                      GrpcRepositoryInterceptor(settings.admin_api_keys), LoggingInterceptor(), GrpcErrorInterceptor()),
+        options=[(name, value) for name, value in options if value is not None],
+    )
+    servicer = EmbeddingServicer(data_plane, ModelRepositoryExtension(model_registry=data_plane.model_registry))
+    grpc_predict_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
+    return server
 
-    def __init__(self, *args, keys: tuple[str, ...], admin_keys: tuple[str, ...] = (), **kwargs):
-        super().__init__(*args, **kwargs)
-        self._keys = keys
-        self._admin_keys = admin_keys
 
-    async def start(self, max_workers: int) -> None:
-        self._server = aio.server(
-            futures.ThreadPoolExecutor(max_workers=max_workers),
-            interceptors=(GrpcApiKeyInterceptor(self._keys + self._admin_keys), MalformedMessageInterceptor(),
-                          GrpcRepositoryInterceptor(self._admin_keys), LoggingInterceptor(), GrpcErrorInterceptor()),
-            options=[
-                ("grpc.max_send_message_length", self._kwargs.get("grpc_max_send_message_length")),
-                ("grpc.max_receive_message_length", self._kwargs.get("grpc_max_receive_message_length")),
-            ],
-        )
-        servicer = EmbeddingServicer(self._data_plane, self._model_repository_extension)
-        grpc_predict_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, self._server)
-        self._server.add_insecure_port(f"[::]:{self._port}")
-        logger.info("Starting gRPC server on port %d (API key required)", self._port)
-        await self._server.start()
-        await self._server.wait_for_termination()
+def install_app(app: FastAPI, data_plane: DataPlane, model_name: str, settings: Settings, dimension: int,
+                access_log_format: str | None = None) -> FastAPI:
+    """Our routes, middleware and API docs, then KServe's V1/V2 routes, then our error handlers, on `app`.
+
+    Used on KServe's app in production and on fresh apps in tests. Order matters: our routes are matched before
+    KServe's (ours replace its V2 infer), and middleware added last is outermost.
+    """
+    register_legacy_routes(app, data_plane, model_name, settings)
+    register_openai_routes(app, data_plane, model_name, dimension)
+    register_v2_infer_routes(app, data_plane)
+    # CORS answers preflights before the key is checked, and the body is read (within its limit) only for
+    # requests that carry a valid key.
+    app.add_middleware(BodyGuardMiddleware, max_body_bytes=settings.limits.max_body_bytes)
+    app.add_middleware(RepositoryGuardMiddleware, admin_keys=settings.admin_api_keys)
+    app.add_middleware(ApiKeyMiddleware, keys=settings.api_keys + settings.admin_api_keys)
+    app.add_middleware(CORSMiddleware, allow_origins=["*"], allow_methods=CORS_METHODS, allow_headers=CORS_HEADERS,
+                       expose_headers=[*COST_HEADERS, REQUEST_ID_HEADER])
+    app.add_middleware(ObservabilityMiddleware)  # outermost of ours: it sees the 401s and preflights too
+    install_api_docs(app, model_name, dimension)
+    install_kserve_rest(app, data_plane, access_log_format)
+    drop_unlogged_timing(app)
+    register_error_handlers(app)  # after KServe's: ours replace its handlers, which answer every route in the plain shape
+    return app
 
 
 class ServingDataPlane(DataPlane):
@@ -131,42 +144,49 @@ def drop_unlogged_timing(app: FastAPI) -> None:
 
 
 class EmbeddingModelServer(ModelServer):
-    """KServe 0.21.0's ModelServer, started and stopped here instead of by its start() and stop().
+    """KServe's ModelServer for its settings and model repository, with HTTP and gRPC started and stopped here.
 
     In KServe 0.21 uvicorn drains HTTP alone on SIGTERM; only then does ModelServer.stop unload the model (closing
     the batcher) and start the gRPC server's grace period, so gRPC calls in flight wait on a closed batcher until
     they are cancelled, and the process outlives GRACE_PERIOD. Here one signal stops HTTP and gRPC accepting
     together, the requests in flight on both finish within GRACE_PERIOD less a margin, and then the model is
-    unloaded. This class is the one place that uses KServe's internals: RESTServer,
-    _register_and_check_atleast_one_model_is_ready, `servers` and `_grpc_server`.
+    unloaded. What this needs of KServe's internals is in kserve_adapter.
     """
 
-    def __init__(self, *, connections: Connections, **kwargs):
+    def __init__(self, *, app: FastAPI, settings: Settings, **kwargs):
         super().__init__(**kwargs)
-        self.connections = connections
+        self.app = app
+        self.settings = settings
         self.drain_seconds = max(1, self.grace_period - SHUTDOWN_MARGIN_SECONDS)
+        self.grpc_message_bytes: tuple[int | None, int | None] = (None, None)  # send, receive
         self._http: _HTTPServer | None = None
+        self._grpc: aio.Server | None = None
 
     def start(self, models: list[Model]) -> None:
-        self._register_and_check_atleast_one_model_is_ready(models)
-        rest = RESTServer(FASTAPI_APP_IMPORT_STRING, self.dataplane, self.model_repository_extension, self.http_port,
-                          access_log_format=self.access_log_format, grace_period=self.drain_seconds,
-                          event_loop=self.event_loop, timeout_keep_alive=self.timeout_keep_alive)
-        rest.create_application()  # KServe's own routes, middleware and error handlers on the shared app
-        drop_unlogged_timing(app)
-        register_error_handlers(app)  # ours replace KServe's handlers, which answer every route in the plain shape
-        rest.config.http = guarded_http_protocol(self.connections)
-        self._http = _HTTPServer(rest.config)
+        engines = register_models(self, models)
+        config = uvicorn_config(self.app, self.dataplane, port=self.http_port, grace_period=self.drain_seconds,
+                                event_loop=self.event_loop, timeout_keep_alive=self.timeout_keep_alive)
+        config.http = guarded_http_protocol(self.settings.connections)
+        self._http = _HTTPServer(config)
         self.setup_event_loop()
-        asyncio.run(self._serve())
+        asyncio.run(self._serve(engines))
 
-    async def _serve(self) -> None:
+    async def _serve_grpc(self) -> None:
+        send, receive = self.grpc_message_bytes
+        self._grpc = build_grpc_server(self.dataplane, self.settings, self.max_threads, send, receive)
+        self._grpc.add_insecure_port(f"[::]:{self.grpc_port}")
+        logger.info("Starting gRPC server on port %d (API key required)", self.grpc_port)
+        await self._grpc.start()
+        await self._grpc.wait_for_termination()
+
+    async def _serve(self, engines: list) -> None:
         loop = asyncio.get_running_loop()
         signalled = asyncio.Event()
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGQUIT):
             loop.add_signal_handler(sig, signalled.set)
         http = asyncio.ensure_future(self._http.serve())
-        others = [asyncio.ensure_future(server) for server in self.servers]
+        servers = [self._serve_grpc()] if self.enable_grpc else []
+        others = [asyncio.ensure_future(server) for server in (*servers, *engines)]
         waiter = asyncio.ensure_future(signalled.wait())
         await asyncio.wait([waiter, http, *others], return_when=asyncio.FIRST_COMPLETED)
         waiter.cancel()
@@ -183,47 +203,31 @@ class EmbeddingModelServer(ModelServer):
                     self.drain_seconds)
         self._http.should_exit = True
         stopping = [http]
-        if self._grpc_server is not None:
-            stopping.append(asyncio.ensure_future(self._grpc_server.stop()))
+        if self._grpc is not None:
+            stopping.append(asyncio.ensure_future(self._grpc.stop(grace=self.drain_seconds)))
         await asyncio.gather(*stopping, return_exceptions=True)
         for name in list(self.registered_models.get_models()):
             self.registered_models.unload(name)
         for task in others:
-            task.cancel()  # the gRPC server's start() has returned; model engines, if any, stop here
+            task.cancel()  # the gRPC server has stopped; model engines, if any, stop here
         await asyncio.gather(*others, return_exceptions=True)
         logger.info("Drained and unloaded in %.1fs", time.monotonic() - started)
 
 
-def create_server(model: Model, settings: Settings, args: argparse.Namespace, dimension: int) -> ModelServer:
+def create_server(model: Model, settings: Settings, args: argparse.Namespace, dimension: int) -> EmbeddingModelServer:
+    """The server for `model`, with every route installed on KServe's app; `server.start([model])` runs it."""
     server = EmbeddingModelServer(
+        app=kserve_app(),
+        settings=settings,
         http_port=args.http_port,
         grpc_port=args.grpc_port,
         workers=1,
-        enable_grpc=False,  # ours below, with auth
+        max_threads=args.max_threads,
+        enable_grpc=args.enable_grpc,
         enable_docs_url=args.enable_docs_url,
         grace_period=settings.grace_period,
-        connections=settings.connections,
     )
+    server.grpc_message_bytes = (args.grpc_max_send_message_length, args.grpc_max_receive_message_length)
     server.dataplane = ServingDataPlane(server.registered_models, model.name)
-    # uvicorn's access log writes the query string, where a careless client may put its key.
-    logging.getLogger("uvicorn.access").disabled = True
-    register_legacy_routes(app, server.dataplane, model.name, settings)
-    register_openai_routes(app, server.dataplane, model.name, dimension)
-    register_v2_infer_routes(app, server.dataplane)
-    # Added last is outermost: CORS answers preflights before the key is checked, and the body is
-    # read (within its limit) only for requests that carry a valid key.
-    app.add_middleware(BodyGuardMiddleware, max_body_bytes=settings.limits.max_body_bytes)
-    app.add_middleware(RepositoryGuardMiddleware, admin_keys=settings.admin_api_keys)
-    app.add_middleware(ApiKeyMiddleware, keys=settings.api_keys + settings.admin_api_keys)
-    app.add_middleware(CORSMiddleware, allow_origins=["*"], allow_methods=CORS_METHODS, allow_headers=CORS_HEADERS,
-                       expose_headers=[*COST_HEADERS, "x-request-id"])
-    app.add_middleware(ObservabilityMiddleware)  # outermost of ours: it sees the 401s and preflights too
-    install_api_docs(app, model.name, dimension)
-    if args.enable_grpc:
-        grpc_server = AuthGRPCServer(args.grpc_port, server.dataplane, server.model_repository_extension,
-                                     kwargs=vars(args), grace_period=server.drain_seconds, keys=settings.api_keys,
-                                     admin_keys=settings.admin_api_keys)
-        # EmbeddingModelServer runs everything in `servers` and drains `_grpc_server` on shutdown.
-        server.servers.append(grpc_server.start(args.max_threads))
-        server._grpc_server = grpc_server
+    install_app(server.app, server.dataplane, model.name, settings, dimension, access_log_format=server.access_log_format)
     return server

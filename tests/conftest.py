@@ -1,13 +1,17 @@
-"""Fixtures that start the real server as a subprocess on free loopback ports and the reference model."""
+"""Fixtures: the real server as a subprocess on free loopback ports, the same wiring served in-process over a
+small deterministic backend (or the real one), the reference model, and one export cache for the whole run."""
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import json
 import os
 import socket
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -118,6 +122,20 @@ def start_server(tmp_dir: Path, env: dict[str, str] | None = None, args: list[st
         time.sleep(0.5)
     server.stop()
     raise RuntimeError(f"server not healthy after {START_TIMEOUT}s:\n{server.log()[-4000:]}")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def shared_cache_dir(tmp_path_factory) -> Iterator[Path]:
+    """One CACHE_DIR for the run, inherited by every server subprocess and read by the backend tests: the model is
+    exported to ONNX and OpenVINO once per run, not once per server (tests of the export itself use their own)."""
+    folder = tmp_path_factory.mktemp("export-cache")
+    saved = os.environ.get("CACHE_DIR")
+    os.environ["CACHE_DIR"] = str(folder)
+    yield folder
+    if saved is None:
+        os.environ.pop("CACHE_DIR", None)
+    else:
+        os.environ["CACHE_DIR"] = saved
 
 
 @pytest.fixture(scope="session")
@@ -231,3 +249,151 @@ def grpc_infer(server, texts: list[str], metadata=(), model_name: str = MODEL_NA
 def cosines(a, b) -> np.ndarray:
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     return (a * b).sum(axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+
+
+# --- The same wiring in-process -------------------------------------------------------------------------------
+
+class HashBackend:
+    """A small deterministic backend for protocol, error, auth and fuzz tests: one token per word (a hash) between
+    [CLS] and [SEP], cut at max_seq_length, and per text a unit vector drawn from a hash of its token ids. The same
+    text always gets the same vector; different texts get unrelated ones. Nothing here means anything.
+
+    `seconds_per_token` makes embed take time in proportion to its work (sleeping, so the GIL is free), for tests
+    of queues, overload and disconnects."""
+
+    name = "hash"
+    streams = 1  # one batch at a time
+
+    def __init__(self, dimension: int = 384, max_seq_length: int = 256, seconds_per_token: float = 0.0):
+        from embedding_server.engine.tokens import EXACT
+
+        self.dimension = dimension
+        self.max_seq_length = max_seq_length
+        self.seconds_per_token = seconds_per_token
+        self.shapes = EXACT
+
+    def tokenize(self, texts: list[str]) -> list:
+        from embedding_server.engine.tokens import Tokenized
+
+        tokenized = []
+        for text in texts:
+            words = [hashlib.blake2b(word.encode("utf-8", "surrogatepass"), digest_size=4).digest()
+                     for word in text.split()]
+            ids = [101, *(1000 + int.from_bytes(word, "little") % 29000 for word in words), 102]
+            truncated = len(ids) > self.max_seq_length
+            if truncated:
+                ids = [*ids[:self.max_seq_length - 1], 102]
+            tokenized.append(Tokenized(np.asarray(ids, dtype=np.int32), truncated))
+        return tokenized
+
+    def embed(self, batch: Sequence[np.ndarray]) -> np.ndarray:
+        if self.seconds_per_token:
+            time.sleep(self.seconds_per_token * max(len(ids) for ids in batch) * len(batch))
+        rows = []
+        for ids in batch:
+            seed = int.from_bytes(hashlib.blake2b(np.asarray(ids, dtype=np.int32).tobytes(), digest_size=8).digest(),
+                                  "little")
+            vector = np.random.default_rng(seed).standard_normal(self.dimension).astype(np.float32)
+            rows.append(vector / np.linalg.norm(vector))
+        return np.stack(rows)
+
+
+def hash_vectors(texts: list[str]) -> np.ndarray:
+    """What HashBackend answers for `texts`: an in-process server's vectors must be these, bit for bit."""
+    backend = HashBackend()
+    return backend.embed([tokenized.ids for tokenized in backend.tokenize(texts)])
+
+
+def hash_backend(model_path: str, **_: object) -> HashBackend:
+    """A backend_factory for EmbeddingModel: HashBackend, whatever the model directory."""
+    return HashBackend()
+
+
+def slow_hash_backend(seconds_per_token: float) -> Callable[..., HashBackend]:
+    return lambda model_path, **_: HashBackend(seconds_per_token=seconds_per_token)
+
+
+class InProcessServer(LoopbackEndpoints):
+    """server.install_app on a fresh FastAPI app and server.build_grpc_server, over one model and data plane, served
+    by uvicorn (with the connection guard) and grpc.aio on an event loop in a thread of the test process: the
+    production wiring without a subprocess. `backend_factory` is hash_backend, or create_backend for the real model.
+    """
+
+    def __init__(self, env: dict[str, str] | None = None, key: str | None = TEST_KEY,
+                 backend_factory: Callable = hash_backend):
+        import uvicorn
+        from kserve.model_repository import ModelRepository
+
+        from embedding_server.kserve_adapter import fresh_app, uvicorn_config
+        from embedding_server.operations.connection_guard import guarded_http_protocol
+        from embedding_server.operations.settings import Settings
+        from embedding_server.server import ServingDataPlane, install_app
+        from model import EmbeddingModel
+
+        values = {k: v for k, v in os.environ.items() if k not in ("API_KEY", "API_KEYS", "API_KEY_FILE")}
+        values.update({"API_KEY": key} if key is not None else {})
+        # Without the embedding cache unless a test asks for it: tests here count computations and queue work with
+        # repeated texts; tests/test_cache.py holds the cache on every protocol.
+        values["EMBEDDING_CACHE_MB"] = "0"
+        values.update(env or {})
+        self.settings = settings = Settings.from_env(values)
+        self.key = key
+        self.model = EmbeddingModel(settings.model_name, settings.model_path, backend=settings.backend,
+                                    precision=settings.precision, max_batch_tokens=settings.max_batch_tokens,
+                                    limits=settings.limits, cache_dir=settings.cache_dir,
+                                    embedding_cache_mb=settings.embedding_cache_mb, streams=settings.streams,
+                                    backend_factory=backend_factory)
+        self.model.load()
+        repository = ModelRepository()
+        repository.update(self.model)
+        self.data_plane = ServingDataPlane(repository, self.model.name)
+        self.app = install_app(fresh_app(), self.data_plane, self.model.name, settings, self.model.backend.dimension)
+        self.http_port = free_port()
+        config = uvicorn_config(self.app, self.data_plane, port=self.http_port, grace_period=5, event_loop="asyncio",
+                                timeout_keep_alive=5)
+        config.host = "127.0.0.1"
+        config.http = guarded_http_protocol(settings.connections)
+        self.http = uvicorn.Server(config)
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="in-process-server", daemon=True)
+        self.thread.start()
+        self._call(self._start())
+
+    def _call(self, coroutine, timeout: float = 60):
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
+
+    async def _start(self) -> None:
+        from embedding_server.server import build_grpc_server
+
+        self.grpc = build_grpc_server(self.data_plane, self.settings, 8,
+                                      max_receive_bytes=self.settings.limits.max_body_bytes)
+        self.grpc_port = self.grpc.add_insecure_port("127.0.0.1:0")
+        await self.grpc.start()
+        self.serving = asyncio.ensure_future(self.http.serve())
+        while not self.http.started:
+            if self.serving.done():
+                self.serving.result()
+            await asyncio.sleep(0.02)
+
+    def headers(self, **extra: str) -> dict[str, str]:
+        return {"X-Api-Key": self.key or "", "Content-Type": "application/json", **extra}
+
+    async def _stop(self) -> None:
+        self.http.should_exit = True
+        await self.serving
+        await self.grpc.stop(1)
+        self.model.stop()
+
+    def stop(self) -> None:
+        self._call(self._stop())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.loop.close()
+
+
+@pytest.fixture(scope="session")
+def app_server() -> Iterator[InProcessServer]:
+    """The in-process server over HashBackend with default settings: protocol, error and auth tests."""
+    running = InProcessServer()
+    yield running
+    running.stop()

@@ -24,14 +24,12 @@ from fastapi import FastAPI
 from fastapi.openapi.docs import get_swagger_ui_html
 from kserve.model_repository import ModelRepository
 from kserve.protocol.dataplane import DataPlane
-from kserve.protocol.model_repository_extension import ModelRepositoryExtension
-from kserve.protocol.rest.v1_endpoints import register_v1_endpoints
-from kserve.protocol.rest.v2_endpoints import register_v2_endpoints
 from openapi_spec_validator import validate
 from openapi_spec_validator.validation.exceptions import OpenAPIValidationError
 from PIL import Image
 
-from auth_middleware import DOCS_ASSETS, ApiKeyMiddleware, is_public
+from auth_middleware import DOCS_ASSETS, is_public
+from embedding_server.kserve_adapter import fresh_app
 from embedding_server.operations.errors import (
     INVALID_KEY_BODY,
     MISSING_KEY_BODY,
@@ -43,7 +41,7 @@ from embedding_server.operations.errors import (
 from embedding_server.operations.settings import Limits, Settings
 from embedding_server.protocols.adapters import check_limits, parse_json, parse_openai_embedding, texts_from_instances
 from embedding_server.protocols.api_docs import install_api_docs
-from embedding_server.protocols.routes import register_legacy_routes, register_openai_routes
+from embedding_server.server import install_app
 
 MODEL = "all-MiniLM-L6-v2"
 DIMENSION = 384
@@ -56,18 +54,9 @@ EMBEDDING_OPERATIONS = {op for op in OUR_OPERATIONS if op[1] == "post"}
 
 @pytest.fixture(scope="module")
 def app() -> FastAPI:
-    """The server's routes on a fresh app, registered in the server's order: ours, then KServe's at start."""
-    app = FastAPI()
-    repository = ModelRepository()
-    dataplane = DataPlane(model_registry=repository)
+    """The server's routes, middleware and docs on a fresh app, as the server installs them (server.install_app)."""
     settings = Settings.from_env({"API_KEY": KEY, "MODEL_PATH": "/unused"})
-    register_legacy_routes(app, dataplane, MODEL, settings)
-    register_openai_routes(app, dataplane, MODEL, DIMENSION)
-    app.add_middleware(ApiKeyMiddleware, keys=settings.api_keys)
-    install_api_docs(app, MODEL, DIMENSION)
-    register_v1_endpoints(app, dataplane, ModelRepositoryExtension(repository))
-    register_v2_endpoints(app, dataplane, ModelRepositoryExtension(repository))
-    return app
+    return install_app(fresh_app(), DataPlane(model_registry=ModelRepository()), MODEL, settings, DIMENSION)
 
 
 def get(app: FastAPI, method: str, path: str, **kwargs) -> httpx.Response:

@@ -4,8 +4,6 @@ from __future__ import annotations
 import http.client
 import json
 import re
-import subprocess
-import sys
 
 import grpc
 import httpx
@@ -23,7 +21,7 @@ from auth_middleware import (
     is_public,
     presented_keys,
 )
-from conftest import MODEL_NAME, ROOT, TEST_KEY, grpc_infer
+from conftest import MODEL_NAME, TEST_KEY, grpc_infer
 from embedding_server.operations.errors import INVALID_KEY_BODY, MISSING_KEY_BODY, OPENAI_PATH_PREFIXES
 
 KEYS = ("first-key", "second-key")
@@ -182,7 +180,7 @@ def test_the_outcome_is_recorded_in_the_scope_once(headers, outcome):
     assert seen.get(KEY_OUTCOME) == (KEY_VALID if outcome == KEY_VALID else None)  # the route sees it when it runs
 
 
-# --- The real server -------------------------------------------------------------------------------------------
+# --- The server's wiring (in-process, over the hash backend: what is tested is the key, not the model) -------------------------------------------------------------------------------------------
 
 PROTECTED = [
     ("POST", "/embedding", {"id1": "Hello world"}),
@@ -201,8 +199,8 @@ PROTECTED = [
     ({"X-Api-Key": TEST_KEY}, 200),
     ({"Authorization": f"Bearer {TEST_KEY}"}, 200),
 ])
-def test_route_key_matrix(server, method, path, body, auth, status):
-    response = requests.request(method, server.url + path, json=body, headers=auth, timeout=60)
+def test_route_key_matrix(app_server, method, path, body, auth, status):
+    response = requests.request(method, app_server.url + path, json=body, headers=auth, timeout=60)
     if path.startswith(OPENAI_PATH_PREFIXES):  # OpenAI's contract: 401 for a wrong key too, in its shape
         assert response.status_code == min(status, 401), response.text
         if status != 200:
@@ -217,8 +215,8 @@ def test_route_key_matrix(server, method, path, body, auth, status):
 
 
 @pytest.mark.parametrize("headers,status", EMPTY_AND_REPEATED)
-def test_empty_and_repeated_key_headers_over_http(server, headers, status):
-    connection = http.client.HTTPConnection("127.0.0.1", server.http_port, timeout=60)  # sends headers as given
+def test_empty_and_repeated_key_headers_over_http(app_server, headers, status):
+    connection = http.client.HTTPConnection("127.0.0.1", app_server.http_port, timeout=60)  # sends headers as given
     body = json.dumps({"instances": ["Hello world"]}).encode()
     connection.putrequest("POST", f"/v1/models/{MODEL_NAME}:predict")
     for name, value in [("content-type", "application/json"), *with_key(headers, TEST_KEY)]:
@@ -238,9 +236,9 @@ GRPC_CODES = {200: grpc.StatusCode.OK, 401: grpc.StatusCode.UNAUTHENTICATED, 403
 
 
 @pytest.mark.parametrize("headers,status", EMPTY_AND_REPEATED)
-def test_empty_and_repeated_key_metadata_over_grpc(server, headers, status):
+def test_empty_and_repeated_key_metadata_over_grpc(app_server, headers, status):
     try:
-        answer = grpc_infer(server, ["Hello world"], tuple(with_key(headers, TEST_KEY)))
+        answer = grpc_infer(app_server, ["Hello world"], tuple(with_key(headers, TEST_KEY)))
         code, details = grpc.StatusCode.OK, ""
     except grpc.RpcError as error:
         answer, code, details = None, error.code(), error.details() or ""
@@ -250,39 +248,16 @@ def test_empty_and_repeated_key_metadata_over_grpc(server, headers, status):
     assert TEST_KEY not in details
 
 
-ROUTES_SCRIPT = """
-import json, sys
-from kserve.model_server import app
-from kserve.protocol.rest.server import RESTServer
-from model import EmbeddingModel, build_parser
-from embedding_server.server import create_server
-from embedding_server.operations.settings import Settings
+def application_routes(app) -> list[tuple[str, str]]:
+    """Every (method, path template) the server's app holds (server.install_app's, KServe's included)."""
+    def walk(routes, prefix=""):
+        for route in routes:
+            if hasattr(route, "original_router"):  # FastAPI's record of an included router
+                yield from walk(route.original_router.routes, prefix + route.include_context.prefix)
+            else:
+                yield prefix + route.path, sorted(getattr(route, "methods", None) or ["GET"])
 
-settings = Settings.from_env({"API_KEY": "x"})
-args = build_parser(settings).parse_args([])
-model = EmbeddingModel(settings.model_name, settings.model_path)  # the route table needs no weights
-server = create_server(model, settings, args, dimension=384)
-server.register_model(model)
-RESTServer("kserve.model_server:app", server.dataplane, server.model_repository_extension, 0).create_application()
-
-
-def walk(routes, prefix=""):
-    for route in routes:
-        if hasattr(route, "original_router"):  # FastAPI's record of an included router
-            yield from walk(route.original_router.routes, prefix + route.include_context.prefix)
-        else:
-            yield [prefix + route.path, sorted(getattr(route, "methods", None) or ["GET"])]
-
-
-json.dump(list(walk(app.routes)), sys.stdout)
-"""
-
-
-def application_routes() -> list[tuple[str, str]]:
-    """Every (method, path template) the server's app holds, built the way the server builds it."""
-    out = subprocess.run([sys.executable, "-c", ROUTES_SCRIPT], cwd=ROOT, capture_output=True, text=True,
-                         check=True, timeout=120).stdout
-    return [(method, path) for path, methods in json.loads(out) for method in methods]
+    return [(method, path) for path, methods in walk(app.routes) for method in methods]
 
 
 def concrete(path: str) -> str:
@@ -290,8 +265,8 @@ def concrete(path: str) -> str:
     return re.sub(r"\{[^}]+\}", "x", path)
 
 
-def test_every_route_outside_the_public_list_needs_a_key(server):
-    routes = application_routes()
+def test_every_route_outside_the_public_list_needs_a_key(app_server):
+    routes = application_routes(app_server.app)
     paths = {path for _, path in routes}
     for expected in ("/embedding", "/v1/models/{model_name}:predict", "/v2/models/{model_name}/infer",
                      "/openai/v1/embeddings", "/v1/embeddings"):
@@ -299,7 +274,7 @@ def test_every_route_outside_the_public_list_needs_a_key(server):
     checked = 0
     for method, template in routes:
         path = concrete(template)
-        url = server.url + path
+        url = app_server.url + path
         anonymous = requests.request(method, url, timeout=60)
         if is_public(method, path):
             assert anonymous.status_code not in (401, 403), (method, template)
@@ -309,13 +284,13 @@ def test_every_route_outside_the_public_list_needs_a_key(server):
         assert (anonymous.status_code, wrong.status_code) == (401, wrong_status), (method, template)
         checked += 1
     assert checked >= 10
-    assert requests.get(f"{server.url}/v1/models/{MODEL_NAME}", timeout=10).status_code == 200  # nothing unloaded
+    assert requests.get(f"{app_server.url}/v1/models/{MODEL_NAME}", timeout=10).status_code == 200  # nothing unloaded
 
 
 # --- CORS --------------------------------------------------------------------------------------------------------
 
-def test_browser_preflight_succeeds_without_a_key(server):
-    response = requests.options(f"{server.url}/embedding", timeout=10, headers={
+def test_browser_preflight_succeeds_without_a_key(app_server):
+    response = requests.options(f"{app_server.url}/embedding", timeout=10, headers={
         "Origin": "https://app.example", "Access-Control-Request-Method": "POST",
         "Access-Control-Request-Headers": "content-type, x-api-key"})
     assert response.status_code == 200
@@ -326,15 +301,15 @@ def test_browser_preflight_succeeds_without_a_key(server):
     assert {"content-type", "x-api-key", "authorization"} <= allowed
 
 
-def test_cors_headers_on_answers_and_on_auth_errors(server):
+def test_cors_headers_on_answers_and_on_auth_errors(app_server):
     origin = {"Origin": "https://app.example"}
-    ok = requests.post(f"{server.url}/embedding", json={"a": "b"}, headers={**origin, "X-Api-Key": TEST_KEY},
+    ok = requests.post(f"{app_server.url}/embedding", json={"a": "b"}, headers={**origin, "X-Api-Key": TEST_KEY},
                        timeout=30)
-    denied = requests.post(f"{server.url}/embedding", json={"a": "b"}, headers=origin, timeout=30)
+    denied = requests.post(f"{app_server.url}/embedding", json={"a": "b"}, headers=origin, timeout=30)
     assert (ok.status_code, denied.status_code) == (200, 401)
     assert ok.headers["access-control-allow-origin"] == "*"
     assert denied.headers["access-control-allow-origin"] == "*"
 
 
-def test_options_without_preflight_headers_needs_a_key(server):
-    assert requests.options(f"{server.url}/embedding", timeout=10).status_code == 401
+def test_options_without_preflight_headers_needs_a_key(app_server):
+    assert requests.options(f"{app_server.url}/embedding", timeout=10).status_code == 401

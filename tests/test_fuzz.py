@@ -3,7 +3,8 @@
 Every generated request (the examples, coverage and fuzzing phases; valid and invalid data) must get an answer
 that is not a 5xx and whose status, content type and body the document declares; and no route outside the public
 list may answer anything but 401/403 without a valid key. A dedicated server with small limits keeps each
-embedding request cheap. Schemathesis' engine runs the cases (its pytest plugin does not work with pytest 9.2),
+embedding request cheap: the production wiring in-process (conftest.InProcessServer) over the deterministic
+HashBackend, so that what is fuzzed is the HTTP layer, not the model. Schemathesis' engine runs the cases (its pytest plugin does not work with pytest 9.2),
 and each failure is reported once per operation and check, with the curl command that reproduces it.
 """
 from __future__ import annotations
@@ -24,7 +25,7 @@ from schemathesis.engine import Status, events, from_schema
 from test_limits import json_values, tensor_documents
 
 from auth_middleware import is_public
-from conftest import MODEL_NAME, RunningServer, cosines, start_server
+from conftest import MODEL_NAME, InProcessServer
 
 KEY = "fuzz-key-5d81"
 # Small limits: the fuzzer reaches 413 quickly, and a valid request embeds at most a few short texts.
@@ -65,13 +66,13 @@ def key_accepted(ctx: schemathesis.CheckContext, response: schemathesis.Response
 
 
 @pytest.fixture(scope="module")
-def fuzz_server(tmp_path_factory) -> RunningServer:
-    running = start_server(tmp_path_factory.mktemp("fuzz"), env={**FUZZ_LIMITS, "LOG_LEVEL": "WARNING"}, key=KEY)
+def fuzz_server() -> InProcessServer:
+    running = InProcessServer(env=FUZZ_LIMITS, key=KEY)
     yield running
     running.stop()
 
 
-def load_schema(server: RunningServer, check_names: list[str], headers: dict[str, str] | None = None,
+def load_schema(server: InProcessServer, check_names: list[str], headers: dict[str, str] | None = None,
                 document: dict | None = None, **parameters: str) -> schemathesis.BaseSchema:
     if document is None:
         schema = schemathesis.openapi.from_url(f"{server.url}/openapi.json", timeout=30)
@@ -120,7 +121,7 @@ def run(schema: schemathesis.BaseSchema) -> tuple[Counter, list[str]]:
     return ran, list(failures.values())
 
 
-def test_with_key(fuzz_server: RunningServer):
+def test_with_key(fuzz_server: InProcessServer):
     """The served model's name in every path, so that bodies reach the model rather than a 404."""
     checks_run = [*CHECKS, key_accepted.__name__]
     schema = load_schema(fuzz_server, checks_run, headers={"X-Api-Key": KEY}, model_name=MODEL_NAME)
@@ -129,7 +130,7 @@ def test_with_key(fuzz_server: RunningServer):
     assert not failures, "\n".join(failures)
 
 
-def test_without_a_valid_key(fuzz_server: RunningServer):
+def test_without_a_valid_key(fuzz_server: InProcessServer):
     """No key, or one schemathesis makes up: every route, the model controls included, as the key would guard them."""
     ran, failures = run(load_schema(fuzz_server, [*CHECKS, keyless_request_rejected.__name__]))
     assert min(ran[name] for name in [*CHECKS, keyless_request_rejected.__name__]) > 300, ran
@@ -153,7 +154,7 @@ EMBEDDING_BODIES = {
 
 @pytest.mark.parametrize("limit", list(LIMIT_CASES))
 @pytest.mark.parametrize("path", list(EMBEDDING_BODIES))
-def test_limit_answers_match_the_document(fuzz_server: RunningServer, path: str, limit: str):
+def test_limit_answers_match_the_document(fuzz_server: InProcessServer, path: str, limit: str):
     """Each limit's 413, route by route, as the document describes it: the fuzzer rarely builds these bodies."""
     texts, padding = LIMIT_CASES[limit]
     body = EMBEDDING_BODIES[path](texts) | ({"padding": padding} if padding else {})
@@ -168,7 +169,7 @@ V2_INFER = f"/v2/models/{MODEL_NAME}/infer"
 V2_INFER_OPERATION = "/v2/models/{model_name}/infer"
 
 
-def with_binary_extension(server: RunningServer) -> dict:
+def with_binary_extension(server: InProcessServer) -> dict:
     """The server's document, with the V2 binary extension it cannot state in OpenAPI terms (the first
     Inference-Header-Content-Length bytes are JSON, the binary inputs follow): any bytes, any header value."""
     document = requests.get(f"{server.url}/openapi.json", timeout=30).json()
@@ -181,7 +182,7 @@ def with_binary_extension(server: RunningServer) -> dict:
     return document
 
 
-def test_binary_extension_with_key(fuzz_server: RunningServer):
+def test_binary_extension_with_key(fuzz_server: InProcessServer):
     checks_run = [*CHECKS, key_accepted.__name__]
     schema = load_schema(fuzz_server, checks_run, headers={"X-Api-Key": KEY},
                          document=with_binary_extension(fuzz_server), model_name=MODEL_NAME)
@@ -193,7 +194,7 @@ header_values = st.none() | st.integers(0, 5000).map(str) | st.from_regex(r"[0-9
 
 @settings(max_examples=150, deadline=None)
 @given(tensor_documents | json_values, st.binary(max_size=64), header_values, st.booleans())
-def test_v2_body_and_binary_extension_never_get_a_5xx(fuzz_server: RunningServer, document, tail, header, honest):
+def test_v2_body_and_binary_extension_never_get_a_5xx(fuzz_server: InProcessServer, document, tail, header, honest):
     """V2 JSON bodies and binary-extension bodies (honest or lying Inference-Header-Content-Length), as the
     document cannot describe them: a 200, or a 4xx in the one error shape."""
     head = json.dumps(document).encode()
@@ -208,14 +209,18 @@ def test_v2_body_and_binary_extension_never_get_a_5xx(fuzz_server: RunningServer
         assert list(response.json()) == ["error"], response.text
 
 
-def test_model_still_served_after_fuzzing(fuzz_server: RunningServer):
-    """Runs last in this module: the fuzzing left the model loaded, and its answers still carry meaning."""
+def test_model_still_served_after_fuzzing(fuzz_server: InProcessServer):
+    """Runs last in this module: the fuzzing left the model loaded and serving whole answers. (That the answers of
+    the real model carry meaning is test_model.py's test_similar_texts_are_closer_than_unrelated_ones.)"""
     texts = ["A cat sits on the mat.", "A kitten is sitting on a rug.", "Stock markets fell sharply today."]
-    response = requests.post(f"{fuzz_server.url}/v1/models/{MODEL_NAME}:predict", json={"instances": texts},
-                             headers={"X-Api-Key": KEY}, timeout=60)
-    assert response.status_code == 200, response.text
-    vectors = np.asarray(response.json()["predictions"])
+    answers = []
+    for _ in range(2):
+        response = requests.post(f"{fuzz_server.url}/v1/models/{MODEL_NAME}:predict", json={"instances": texts},
+                                 headers={"X-Api-Key": KEY}, timeout=60)
+        assert response.status_code == 200, response.text
+        answers.append(np.asarray(response.json()["predictions"]))
+    vectors = answers[0]
     assert vectors.shape == (3, 384)
     assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-3)
-    similar, unrelated = cosines(vectors[:1], vectors[1:2])[0], cosines(vectors[:1], vectors[2:])[0]
-    assert similar > 0.5 > unrelated, (similar, unrelated)
+    assert np.array_equal(answers[0], answers[1]), "the same texts, the same vectors"
+    assert fuzz_server.model.ready and fuzz_server.data_plane.serving()

@@ -63,6 +63,18 @@ def test_v1_keeps_order_and_tells_texts_apart(server, reference):
     assert similarity[0, 2] > similarity[0, 1] and similarity[1, 3] > similarity[1, 2]
 
 
+def test_similar_texts_are_closer_than_unrelated_ones(server):
+    """Moved from test_fuzz (which now fuzzes the wiring over a hash backend): the real model's answers mean something."""
+    texts = ["A cat sits on the mat.", "A kitten is sitting on a rug.", "Stock markets fell sharply today."]
+    response = post(server, V1, {"instances": texts})
+    assert response.status_code == 200, response.text
+    vectors = np.asarray(response.json()["predictions"])
+    assert vectors.shape == (3, 384)
+    assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-3)
+    similar, unrelated = cosines(vectors[:1], vectors[1:2])[0], cosines(vectors[:1], vectors[2:])[0]
+    assert similar > 0.5 > unrelated, (similar, unrelated)
+
+
 def test_truncates_at_256_tokens_not_128(server, reference, model_path):
     from sentence_transformers import SentenceTransformer
 
@@ -107,9 +119,9 @@ def test_v2_health_is_public(server, path):
     assert response.json().get("live", response.json().get("ready")) is True
 
 
-def test_v2_rejects_a_non_bytes_tensor(server):
+def test_v2_rejects_a_non_bytes_tensor(app_server):
     body = {"inputs": [{"name": "text", "shape": [2], "datatype": "FP32", "data": [1.0, 2.0]}]}
-    response = post(server, V2, body)
+    response = post(app_server, V2, body)
     assert response.status_code == 422
     assert "BYTES" in response.json()["error"]
 
@@ -153,16 +165,16 @@ BAD_V2_BODIES = {  # name: (body, Inference-Header-Content-Length or None, expec
 
 
 @pytest.mark.parametrize("name", list(BAD_V2_BODIES))
-def test_v2_bad_input_is_a_4xx_in_our_error_shape(server, name):
+def test_v2_bad_input_is_a_4xx_in_our_error_shape(app_server, name):
     """Each answered 500 (or FastAPI's {"detail": ...}) before: the client's error, in the one JSON error shape."""
     body, header_length, status = BAD_V2_BODIES[name]
-    headers = server.headers() if header_length is None else {
+    headers = app_server.headers() if header_length is None else {
         "X-Api-Key": TEST_KEY, "Inference-Header-Content-Length": header_length,
         "Content-Type": "application/octet-stream"}
-    response = post(server, V2, body, headers=headers)
+    response = post(app_server, V2, body, headers=headers)
     assert response.status_code == status, response.text
     assert list(response.json()) == ["error"], response.text
-    assert post(server, V2, v2_body(["still serving"])).status_code == 200
+    assert post(app_server, V2, v2_body(["still serving"])).status_code == 200
 
 
 def test_v2_binary_extension_in_and_out_matches_sentence_transformers(server, reference):
@@ -196,9 +208,9 @@ EMPTY_BODIES = {
 
 
 @pytest.mark.parametrize("path", list(EMPTY_BODIES))
-def test_empty_input_is_400_on_every_route(server, path):
+def test_empty_input_is_400_on_every_route(app_server, path):
     """The README's rule: nothing to embed is the client's error (V1 and V2 answered 200 with nothing)."""
-    response = post(server, path, EMPTY_BODIES[path])
+    response = post(app_server, path, EMPTY_BODIES[path])
     assert response.status_code == 400, response.text
     assert "error" in response.json()
 
@@ -216,9 +228,9 @@ def test_grpc_infer_matches_sentence_transformers(server, reference, metadata):
     ((("x-api-key", "wrong"),), grpc.StatusCode.PERMISSION_DENIED),
     ((("authorization", "Bearer wrong"),), grpc.StatusCode.PERMISSION_DENIED),
 ])
-def test_grpc_requires_the_key(server, metadata, code):
+def test_grpc_requires_the_key(app_server, metadata, code):
     with pytest.raises(grpc.RpcError) as caught:
-        grpc_infer(server, ["hello"], metadata)
+        grpc_infer(app_server, ["hello"], metadata)
     assert caught.value.code() == code
     assert TEST_KEY not in (caught.value.details() or "")
 
@@ -283,12 +295,12 @@ BAD_GRPC_REQUESTS = {
 
 
 @pytest.mark.parametrize("name", list(BAD_GRPC_REQUESTS))
-def test_grpc_bad_input_is_invalid_argument(server, name):
-    """The client's error, never INTERNAL or UNKNOWN; and the server keeps serving."""
+def test_grpc_bad_input_is_invalid_argument(app_server, name):
+    """The client's error, never INTERNAL or UNKNOWN; and the app_server keeps serving."""
     with pytest.raises(grpc.RpcError) as caught:
-        model_infer(server, BAD_GRPC_REQUESTS[name])
+        model_infer(app_server, BAD_GRPC_REQUESTS[name])
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, caught.value.details()
-    assert model_infer(server, typed_grpc_request([b"still serving"], [1])).outputs[0].shape == [1, 384]
+    assert model_infer(app_server, typed_grpc_request([b"still serving"], [1])).outputs[0].shape == [1, 384]
 
 
 UNDECODABLE = {
@@ -299,9 +311,9 @@ UNDECODABLE = {
 
 
 @pytest.mark.parametrize("name", list(UNDECODABLE))
-def test_grpc_message_that_does_not_parse_is_invalid_argument(server, name):
+def test_grpc_message_that_does_not_parse_is_invalid_argument(app_server, name):
     """grpc answered UNKNOWN for the deserializer's DecodeError; the key is still checked first."""
-    with grpc.insecure_channel(server.grpc_target) as channel:
+    with grpc.insecure_channel(app_server.grpc_target) as channel:
         call = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
         with pytest.raises(grpc.RpcError) as caught:
             call(UNDECODABLE[name], metadata=(("x-api-key", TEST_KEY),), timeout=30)
@@ -309,11 +321,11 @@ def test_grpc_message_that_does_not_parse_is_invalid_argument(server, name):
         with pytest.raises(grpc.RpcError) as caught:
             call(UNDECODABLE[name], timeout=30)
         assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
-    assert model_infer(server, typed_grpc_request([b"still serving"], [1])).outputs[0].shape == [1, 384]
+    assert model_infer(app_server, typed_grpc_request([b"still serving"], [1])).outputs[0].shape == [1, 384]
 
 
-def test_grpc_model_unload_requires_the_key(server):
-    with grpc.insecure_channel(server.grpc_target) as channel:
+def test_grpc_model_unload_requires_the_key(app_server):
+    with grpc.insecure_channel(app_server.grpc_target) as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
         with pytest.raises(grpc.RpcError) as caught:
             stub.RepositoryModelUnload(pb.RepositoryModelUnloadRequest(model_name=MODEL_NAME), timeout=10)
@@ -364,20 +376,28 @@ def test_health_and_key_info_bodies(server):
     assert TEST_KEY not in info.text
 
 
-def test_generated_key_is_printed_once_and_shown_only_when_asked(tmp_path):
-    shown = start_server(tmp_path, env={"SHOW_API_KEY_INFO": "true"}, key=None)
-    try:
-        log = shown.log()
-        assert log.count("WARNING: No API_KEY environment variable set!") == 1
-        printed = re.findall(r"Generated API Key: (\S+)", log)
-        assert len(printed) == 1 and len(printed[0]) >= 32
-        key = printed[0]
-        assert requests.get(f"{shown.url}/api-key-info", timeout=10).json()["api_key"] == key
-        ok = requests.post(f"{shown.url}/embedding", json={"a": "hi"}, headers={"X-Api-Key": key}, timeout=30)
-        assert ok.status_code == 200
-        assert log.count(key) == 1, "the key appears in the log only in the banner"
-    finally:
-        shown.stop()
+@pytest.fixture(scope="module")
+def started_bare(tmp_path_factory):
+    """One start for the start-up tests below: no API_KEY (the key is generated), SHOW_API_KEY_INFO, MODEL_NAME,
+    and the port given as KServe's --http_port flag while PORT names another."""
+    running = start_server(tmp_path_factory.mktemp("bare"), env={"SHOW_API_KEY_INFO": "true", "MODEL_NAME": "minilm"},
+                           key=None, port_flag=True)
+    log = running.log()
+    printed = re.findall(r"Generated API Key: (\S+)", log)
+    running.key = printed[0] if printed else None
+    yield running, log, printed
+    running.stop()
+
+
+def test_generated_key_is_printed_once_and_shown_only_when_asked(started_bare):
+    shown, log, printed = started_bare
+    assert log.count("WARNING: No API_KEY environment variable set!") == 1
+    assert len(printed) == 1 and len(printed[0]) >= 32
+    key = printed[0]
+    assert requests.get(f"{shown.url}/api-key-info", timeout=10).json()["api_key"] == key
+    ok = requests.post(f"{shown.url}/embedding", json={"a": "hi"}, headers={"X-Api-Key": key}, timeout=30)
+    assert ok.status_code == 200
+    assert shown.log().count(key) == 1, "the key appears in the log only in the banner"
 
 
 # --- The seed README's curl examples -------------------------------------------------------------------------
@@ -441,21 +461,21 @@ BAD_BODIES = [
 
 
 @pytest.mark.parametrize("path,body,status,words", BAD_BODIES)
-def test_bad_input_gets_a_clear_json_error(server, path, body, status, words):
-    response = post(server, path, body)
+def test_bad_input_gets_a_clear_json_error(app_server, path, body, status, words):
+    response = post(app_server, path, body)
     assert response.status_code == status, response.text
     assert words in response.json()["error"]
     assert "Traceback" not in response.text
 
 
-def test_unknown_model_is_404(server):
-    response = post(server, "/v1/models/no-such-model:predict", {"instances": ["a"]})
+def test_unknown_model_is_404(app_server):
+    response = post(app_server, "/v1/models/no-such-model:predict", {"instances": ["a"]})
     assert response.status_code == 404
     assert "no-such-model" in response.json()["error"]
 
 
-def test_wrong_method_is_405_json(server):
-    response = requests.get(f"{server.url}/embedding", headers=server.headers(), timeout=10)
+def test_wrong_method_is_405_json(app_server):
+    response = requests.get(f"{app_server.url}/embedding", headers=app_server.headers(), timeout=10)
     assert response.status_code == 405
     assert response.json()
 
@@ -471,14 +491,11 @@ def test_server_keeps_serving_after_bad_requests(server, reference):
 
 # --- Start-up options -----------------------------------------------------------------------------------------
 
-def test_kserve_flags_and_model_name_are_honoured(tmp_path, reference):
-    custom = start_server(tmp_path, env={"MODEL_NAME": "minilm"}, port_flag=True)
-    try:
-        assert custom.env["PORT"] != str(custom.http_port)  # the flag wins over PORT
-        response = requests.post(f"{custom.url}/v1/models/minilm:predict", json={"instances": ["flag"]},
-                                 headers=custom.headers(), timeout=30)
-        assert response.status_code == 200
-        assert_matches_reference(response.json()["predictions"], ["flag"], reference, floor=0.9999)
-        assert requests.get(f"{custom.url}/health", timeout=10).json()["model"] == "minilm"
-    finally:
-        custom.stop()
+def test_kserve_flags_and_model_name_are_honoured(started_bare, reference):
+    custom, _, _ = started_bare
+    assert custom.env["PORT"] != str(custom.http_port)  # the flag wins over PORT
+    response = requests.post(f"{custom.url}/v1/models/minilm:predict", json={"instances": ["flag"]},
+                             headers=custom.headers(), timeout=30)
+    assert response.status_code == 200
+    assert_matches_reference(response.json()["predictions"], ["flag"], reference, floor=0.9999)
+    assert requests.get(f"{custom.url}/health", timeout=10).json()["model"] == "minilm"

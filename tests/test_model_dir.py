@@ -141,34 +141,96 @@ def assert_one_line_refusal(result: subprocess.CompletedProcess, *words: str) ->
         assert word in last
 
 
-@pytest.mark.parametrize("kind", ["missing", "file", "empty", "transformers-only", "modules-not-json",
-                                  "no-transformer-config", "config-values-wrong"])
-def test_server_refuses_a_directory_that_is_not_a_sentence_transformers_model(tmp_path, model_path, kind):
-    path = bad_directory(tmp_path, model_path, kind)
+NOT_SENTENCE_TRANSFORMERS = ["missing", "file", "empty", "transformers-only", "modules-not-json",
+                             "no-transformer-config", "config-values-wrong"]
+CODE_IN_CONFIGS = ["auto-map", "custom-activation"]
+# Runs each case's entry point main() in one process (one import of torch and KServe for all of them) and reports
+# how each ended: a refusal is SystemExit with its one line, exactly what `python model.py` prints last and exits 1
+# with. test_server_refuses_a_missing_directory_in_one_line runs one case as its own process, end to end.
+REFUSALS_SCRIPT = """
+import contextlib, io, json, sys
+results = {}
+for case in json.loads(sys.argv[1]):
+    stdout = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(stdout):
+            entry = __import__(case["entry"].removesuffix(".py"))
+            entry.main(case["args"])
+        outcome = {"exit": None, "error": "main returned: the directory was accepted"}
+    except SystemExit as exc:
+        outcome = {"exit": exc.code if isinstance(exc.code, (str, int, type(None))) else repr(exc.code)}
+    except BaseException as exc:
+        outcome = {"exit": None, "error": repr(exc)}
+    results[case["id"]] = {**outcome, "stdout": stdout.getvalue()}
+json.dump(results, sys.__stdout__)
+"""
+
+
+@pytest.fixture(scope="module")
+def refusals(tmp_path_factory, model_path, variant_model) -> dict[str, dict]:
+    """Every refusal case of this module, started in one process: case id -> how main() ended."""
+    cases, paths = [], {}
+    for kind in NOT_SENTENCE_TRANSFORMERS[1:] + CODE_IN_CONFIGS:
+        paths[kind] = bad_directory(tmp_path_factory.mktemp(kind), model_path, kind)
+        flag = "--model_path" if kind in CODE_IN_CONFIGS else "--model_dir"
+        cases.append({"id": kind, "entry": "model.py", "args": [f"{flag}={paths[kind]}"]
+                      + ([] if kind in CODE_IN_CONFIGS else ["--model_name=other"])})
+    code = variant_model("code")
+    cases.append({"id": "own-module", "entry": "model.py", "args": [f"--model_dir={code}", "--model_name=other"]})
+    cases.append({"id": "ray-own-module", "entry": "ray_serve.py", "args": [f"--model_dir={code}"]})
+    env = {"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "API_KEY": TEST_KEY, "BACKEND": "torch",
+           "PORT": str(free_port()), "GRPC_PORT": str(free_port())}
+    try:
+        result = subprocess.run([sys.executable, "-c", REFUSALS_SCRIPT, json.dumps(cases)], cwd=ROOT, env=env,
+                                capture_output=True, text=True, timeout=START_EXIT_TIMEOUT * 2)
+    except subprocess.TimeoutExpired:
+        pytest.fail("a refusal case did not exit: the server accepted a directory it should refuse")
+    assert result.returncode == 0, result.stderr[-4000:]
+    outcomes = json.loads(result.stdout)
+    for kind, path in paths.items():
+        outcomes[kind]["path"] = str(path)
+    return outcomes
+
+
+def assert_refused(outcome: dict, *words: str) -> None:
+    """main() ended in SystemExit with one "Configuration error: ..." line naming `words`, and nothing else."""
+    assert "error" not in outcome, outcome
+    message = outcome["exit"]
+    assert isinstance(message, str) and message.startswith("Configuration error: "), outcome
+    assert "\n" not in message.strip(), message
+    for word in words:
+        assert word in message, (word, message)
+
+
+def test_server_refuses_a_missing_directory_in_one_line(tmp_path, model_path):
+    path = bad_directory(tmp_path, model_path, "missing")
     result = start_and_expect_refusal([f"--model_dir={path}", "--model_name=other"])
-    expected = REFUSED.get(kind, "could not be loaded")
-    assert_one_line_refusal(result, str(path), expected)
+    assert_one_line_refusal(result, str(path), REFUSED["missing"])
 
 
-def test_ray_front_end_refuses_the_same_directories_before_starting_ray(tmp_path, variant_model):
+@pytest.mark.parametrize("kind", NOT_SENTENCE_TRANSFORMERS[1:])
+def test_server_refuses_a_directory_that_is_not_a_sentence_transformers_model(refusals, kind):
+    outcome = refusals[kind]
+    assert_refused(outcome, outcome["path"], REFUSED.get(kind, "could not be loaded"))
+
+
+def test_ray_front_end_refuses_the_same_directories_before_starting_ray(tmp_path, refusals):
     missing = start_and_expect_refusal([f"--model_dir={tmp_path / 'absent'}"], entry="ray_serve.py")
     assert_one_line_refusal(missing, "does not exist")
-    code = start_and_expect_refusal([f"--model_dir={variant_model('code')}"], entry="ray_serve.py")
-    assert_one_line_refusal(code, "flip.Flip", "TRUST_REMOTE_CODE")
-    assert "Ray instance" not in missing.stdout + code.stdout
+    code = refusals["ray-own-module"]
+    assert_refused(code, "flip.Flip", "TRUST_REMOTE_CODE")
+    assert "Ray instance" not in missing.stdout + code["stdout"]
 
 
-@pytest.mark.parametrize("kind", ["auto-map", "custom-activation"])
-def test_server_refuses_code_in_the_model_configs_without_the_setting(tmp_path, model_path, kind):
-    path = bad_directory(tmp_path, model_path, kind)
-    assert_one_line_refusal(start_and_expect_refusal([f"--model_path={path}"]), REFUSED[kind], "TRUST_REMOTE_CODE")
+@pytest.mark.parametrize("kind", CODE_IN_CONFIGS)
+def test_server_refuses_code_in_the_model_configs_without_the_setting(refusals, kind):
+    assert_refused(refusals[kind], REFUSED[kind], "TRUST_REMOTE_CODE")
 
 
-def test_server_refuses_a_model_with_its_own_module_without_the_setting(variant_model):
-    path = variant_model("code")
-    result = start_and_expect_refusal([f"--model_dir={path}", "--model_name=other"])
-    assert_one_line_refusal(result, "flip.Flip", "TRUST_REMOTE_CODE=true")
-    assert "model code ran" not in result.stdout + result.stderr
+def test_server_refuses_a_model_with_its_own_module_without_the_setting(refusals):
+    outcome = refusals["own-module"]
+    assert_refused(outcome, "flip.Flip", "TRUST_REMOTE_CODE=true")
+    assert "model code ran" not in outcome["stdout"]
 
 
 def test_trust_remote_code_runs_the_models_own_module(tmp_path, variant_model, reference):

@@ -81,16 +81,16 @@ def test_openai_model_list(client):
 
 
 @pytest.mark.parametrize("base", ["/openai/v1", "/v1"])
-def test_wrong_key_raises_the_sdk_authentication_error(server, base):
-    wrong = openai.OpenAI(base_url=server.url + base, api_key="wrong-key", max_retries=0)
+def test_wrong_key_raises_the_sdk_authentication_error(app_server, base):
+    wrong = openai.OpenAI(base_url=app_server.url + base, api_key="wrong-key", max_retries=0)
     with pytest.raises(openai.AuthenticationError) as caught:
         wrong.embeddings.create(model=MODEL_NAME, input=["x"])
     assert caught.value.status_code == 401
     assert caught.value.body["code"] == "invalid_api_key"
 
 
-def test_missing_key_is_401_in_openai_shape(server):
-    response = requests.post(f"{server.url}/openai/v1/embeddings", json={"input": "x", "model": MODEL_NAME}, timeout=10)
+def test_missing_key_is_401_in_openai_shape(app_server):
+    response = requests.post(f"{app_server.url}/openai/v1/embeddings", json={"input": "x", "model": MODEL_NAME}, timeout=10)
     assert response.status_code == 401
     assert set(response.json()["error"]) == {"message", "type", "param", "code"}
 
@@ -124,8 +124,8 @@ def test_other_dimensions_are_refused(client):
     (json.dumps({"input": ["a", 3], "model": MODEL_NAME}).encode(), "input"),
     (json.dumps({"input": "a", "model": MODEL_NAME, "encoding_format": "int8"}).encode(), "encoding_format"),
 ])
-def test_bad_requests_get_openai_errors(server, body, param):
-    response = requests.post(f"{server.url}/openai/v1/embeddings", data=body, timeout=10,
+def test_bad_requests_get_openai_errors(app_server, body, param):
+    response = requests.post(f"{app_server.url}/openai/v1/embeddings", data=body, timeout=10,
                              headers={"Authorization": f"Bearer {TEST_KEY}", "Content-Type": "application/json"})
     assert response.status_code == 400
     error = response.json()["error"]

@@ -1,7 +1,10 @@
 """The server's wiring: the model-repository extension locked away, and health that follows the model."""
 from __future__ import annotations
 
+import json
 import logging
+import subprocess
+import sys
 
 import grpc
 import pytest
@@ -13,7 +16,7 @@ from kserve.protocol.rest.server import PrintTimings
 from starlette.middleware.cors import CORSMiddleware
 from timing_asgi import TimingMiddleware
 
-from conftest import MODEL_NAME, TEST_KEY, cosines, grpc_infer, start_server
+from conftest import MODEL_NAME, ROOT, TEST_KEY, InProcessServer, cosines, grpc_infer
 from embedding_server.server import drop_unlogged_timing
 
 ADMIN_KEY = "admin-key-5d1e0b"
@@ -60,9 +63,9 @@ def test_the_repository_extension_is_off_by_default(server, reference):
 
 
 @pytest.fixture(scope="module")
-def admin_server(tmp_path_factory):
-    running = start_server(tmp_path_factory.mktemp("admin"), env={"BACKEND": "torch", "PRECISION": "fp32",
-                                                                  "ADMIN_API_KEY": ADMIN_KEY})
+def admin_server():
+    """The production wiring in-process over the hash backend: what is tested is who may unload, and what follows."""
+    running = InProcessServer(env={"ADMIN_API_KEY": ADMIN_KEY})
     yield running
     running.stop()
 
@@ -117,3 +120,51 @@ def test_kserves_timing_middleware_runs_only_when_its_lines_are_logged(level, ke
     finally:
         trace.setLevel(before)
     assert [m.cls for m in app.user_middleware] == ([CORSMiddleware, TimingMiddleware] if kept else [CORSMiddleware])
+PRODUCTION_WIRING_SCRIPT = """
+import json, sys
+from kserve.model_repository import ModelRepository
+from kserve.protocol.dataplane import DataPlane
+from model import EmbeddingModel, build_parser
+from embedding_server.kserve_adapter import fresh_app, kserve_app
+from embedding_server.server import create_server, install_app
+from embedding_server.operations.settings import Settings
+
+settings = Settings.from_env({"API_KEY": "x"})
+args = build_parser(settings).parse_args([])
+model = EmbeddingModel(settings.model_name, settings.model_path)  # the wiring needs no weights
+server = create_server(model, settings, args, dimension=384)
+fresh = install_app(fresh_app(), DataPlane(model_registry=ModelRepository()), model.name, settings, 384)
+
+
+def table(app):
+    def walk(routes, prefix=""):
+        for route in routes:
+            if hasattr(route, "original_router"):
+                yield from walk(route.original_router.routes, prefix + route.include_context.prefix)
+            else:
+                yield [prefix + route.path, sorted(getattr(route, "methods", None) or ["GET"])]
+    middleware = [getattr(m.cls, "__name__", str(m.cls)) for m in app.user_middleware]
+    handlers = sorted(getattr(k, "__name__", str(k)) for k in app.exception_handlers)
+    return {"routes": list(walk(app.routes)), "middleware": middleware, "handlers": handlers}
+
+
+json.dump({"production": table(kserve_app()), "fresh": table(fresh), "same_app": server.app is kserve_app()},
+          sys.stdout)
+"""
+
+
+def test_production_gets_the_wiring_that_tests_build_in_process():
+    """create_server installs on KServe's app exactly what install_app puts on a fresh one (so the in-process tests
+    test the production wiring); in a subprocess, since KServe's app is a module global."""
+    out = subprocess.run([sys.executable, "-c", PRODUCTION_WIRING_SCRIPT], cwd=ROOT, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    tables = json.loads(out.stdout)
+    assert tables["same_app"]
+    assert tables["production"] == tables["fresh"]
+    paths = {path for path, _ in tables["production"]["routes"]}
+    assert {"/embedding", "/v1/models/{model_name}:predict", "/v2/models/{model_name}/infer", "/openai/v1/embeddings",
+            "/v2/health/live", "/docs"} <= paths
+    # Outermost first; KServe's TimingMiddleware only where its lines are logged (DEBUG), not here.
+    assert tables["production"]["middleware"][0] == "ObservabilityMiddleware"
+    assert "TimingMiddleware" not in tables["production"]["middleware"]

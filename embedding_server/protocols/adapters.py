@@ -13,16 +13,19 @@ from kserve.protocol.infer_type import InferInput, InferOutput, InferRequest, In
 
 from embedding_server.engine.batcher import Embedded
 from embedding_server.operations.errors import BadRequest, OpenAIRequestError, TooLarge, Unprocessable
+from embedding_server.operations.observability import (
+    COMPUTE_TEXTS,
+    COMPUTE_TIME,
+    COMPUTE_TOKENS,
+    COMPUTED_TEXTS,
+    QUEUE_TIME,
+    TRUNCATED_TEXTS,
+)
 from embedding_server.operations.settings import Limits
 
 INPUT_NAME = "text"
 OUTPUT_NAME = "embedding"
-COMPUTE_TEXTS = "x-compute-texts"
-COMPUTED_TEXTS = "x-computed-texts"  # of those, the texts the model computed for this request (not cached)
-COMPUTE_TOKENS = "x-compute-tokens"
-TRUNCATED_TEXTS = "x-truncated-texts"
 BINARY = "application/octet-stream"  # the media type of V2 binary-extension bodies
-COST_HEADERS = (COMPUTE_TEXTS, COMPUTED_TEXTS, COMPUTE_TOKENS, TRUNCATED_TEXTS, "x-compute-time", "x-queue-time")
 
 
 def parse_json(body: bytes) -> Any:
@@ -269,8 +272,8 @@ def cost_headers(embedded: Embedded) -> dict[str, str]:
         COMPUTED_TEXTS: str(embedded.computed),
         COMPUTE_TOKENS: str(embedded.tokens),
         TRUNCATED_TEXTS: str(embedded.truncated),
-        "x-compute-time": f"{embedded.compute_seconds * 1000:.3f}",
-        "x-queue-time": f"{embedded.queue_seconds * 1000:.3f}",
+        COMPUTE_TIME: f"{embedded.compute_seconds * 1000:.3f}",
+        QUEUE_TIME: f"{embedded.queue_seconds * 1000:.3f}",
     }
 
 

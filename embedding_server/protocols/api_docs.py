@@ -30,6 +30,7 @@ from embedding_server.operations.errors import (
     dialect,
     error_response,
 )
+from embedding_server.operations.observability import COST_HEADERS
 from embedding_server.operations.settings import Limits
 from embedding_server.protocols.adapters import (
     BINARY,
@@ -49,14 +50,6 @@ SWAGGER_JS, SWAGGER_CSS, SWAGGER_FAVICON = DOCS_ASSETS
 # Swagger UI checks the document with swagger.io's online validator by default (a badge, in some layouts): off.
 SWAGGER_UI_PARAMETERS = {"validatorUrl": None}
 SECURITY = [{"ApiKeyAuth": []}, {"BearerAuth": []}]  # either one
-COST_HEADER_DOCS = {
-    "x-compute-texts": "Texts embedded",
-    "x-computed-texts": "Of those, texts the model computed for this request (the others came from the embedding cache)",
-    "x-compute-tokens": "Tokens embedded, after truncation",
-    "x-truncated-texts": "Texts cut at the model's token limit",
-    "x-compute-time": "Model time in milliseconds",
-    "x-queue-time": "Milliseconds waited for a batch",
-}
 _PATH_PARAM = re.compile(r"\{[^}]+\}")
 # KServe routes for features this server does not serve (model versions, explainers): left out of the document.
 UNSERVED = re.compile(r"/versions/|:explain$")
@@ -188,7 +181,7 @@ def _responses(model_name: str, dimension: int) -> dict[str, dict]:
 
 
 def _cost_headers() -> dict[str, dict]:
-    return {name: {"description": text, "schema": {"type": "string"}} for name, text in COST_HEADER_DOCS.items()}
+    return {name: {"description": text, "schema": {"type": "string"}} for name, text in COST_HEADERS.items()}
 
 
 def _embedding_errors(openai: bool) -> dict[str, dict]:
