@@ -129,7 +129,10 @@ from embedding_server.kserve_adapter import fresh_app, kserve_app
 from embedding_server.server import create_server, install_app
 from embedding_server.operations.settings import Settings
 
+from embedding_server.operations.observability import configure_logging
+
 settings = Settings.from_env({"API_KEY": "x"})
+configure_logging(settings.log_level, settings.log_format)  # as start_up does before the wiring
 args = build_parser(settings).parse_args([])
 model = EmbeddingModel(settings.model_name, settings.model_path)  # the wiring needs no weights
 server = create_server(model, settings, args, dimension=384)
