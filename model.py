@@ -34,8 +34,10 @@ from embedding_server.engine.cache import (
 from embedding_server.engine.model_dir import ModelDir, check_model_dir
 from embedding_server.operations.observability import configure_logging
 from embedding_server.operations.settings import (
+    BACKEND_CHOICES,
     DEFAULT_EMBEDDING_CACHE_MB,
     DEFAULT_MAX_BATCH_TOKENS,
+    PRECISION_CHOICES,
     Limits,
     Settings,
     SettingsError,
@@ -163,8 +165,8 @@ def build_parser(settings: Settings) -> argparse.ArgumentParser:
                         help="A sentence-transformers model directory (env MODEL_PATH)")
     parser.add_argument("--trust_remote_code", action="store_true", default=settings.trust_remote_code,
                         help="Let a model directory run its own Python code (env TRUST_REMOTE_CODE)")
-    parser.add_argument("--backend", default=settings.backend, choices=("auto", "torch", "onnx", "openvino"))
-    parser.add_argument("--precision", default=settings.precision, choices=("auto", "fp32", "bf16"))
+    parser.add_argument("--backend", default=settings.backend, choices=BACKEND_CHOICES)
+    parser.add_argument("--precision", default=settings.precision, choices=PRECISION_CHOICES)
     parser.set_defaults(http_port=settings.http_port, grpc_port=settings.grpc_port, model_name=settings.model_name,
                         grpc_max_receive_message_length=settings.limits.max_body_bytes)
     return parser

@@ -17,7 +17,7 @@ from embedding_server.engine.cpu import has_bf16, usable_cpus
 from embedding_server.engine.export_cache import ExportCacheError
 from embedding_server.engine.runtimes import OnnxBackend, OpenVINOBackend, TorchBackend
 from embedding_server.engine.tokens import ShapeGrid, Tokenized
-from embedding_server.operations.settings import BACKENDS, PRECISIONS
+from embedding_server.operations.settings import BACKEND_CHOICES, BACKENDS, PRECISION_CHOICES, PRECISIONS
 
 logger = logging.getLogger(__name__)
 
@@ -50,9 +50,9 @@ def resolve(backend: str = "auto", precision: str = "auto", flags: set[str] | No
     ``auto`` precision is bf16 where the CPU has AMX or AVX512-BF16 (native bf16 arithmetic; elsewhere bf16 is
     emulated and slower), fp32 elsewhere or when the backend offers only fp32.
     """
-    if backend not in ("auto", *BACKENDS):
+    if backend not in BACKEND_CHOICES:
         raise ValueError(f"backend must be auto or one of {BACKENDS}, not {backend!r}")
-    if precision not in ("auto", *PRECISIONS):
+    if precision not in PRECISION_CHOICES:
         raise ValueError(f"precision must be auto or one of {PRECISIONS}, not {precision!r}")
     chosen = "openvino" if backend == "auto" else backend
     if precision == "auto":

@@ -23,6 +23,8 @@ FALSE_WORDS = {"0", "false", "no", "off", ""}
 # The runtimes and precisions the engine offers (BACKEND, PRECISION); each setting also takes "auto".
 BACKENDS = ("torch", "onnx", "openvino")
 PRECISIONS = ("fp32", "bf16")
+BACKEND_CHOICES = ("auto", *BACKENDS)
+PRECISION_CHOICES = ("auto", *PRECISIONS)
 
 
 class SettingsError(ValueError):
@@ -209,8 +211,8 @@ class Settings:
             model_path=env.get("MODEL_PATH", "").strip() or default_model_path(),
             model_name=env.get("MODEL_NAME", "").strip() or DEFAULT_MODEL_NAME,
             trust_remote_code=_flag(env, "TRUST_REMOTE_CODE", False),
-            backend=_choice(env, "BACKEND", "auto", ("auto", *BACKENDS)),
-            precision=_choice(env, "PRECISION", "auto", ("auto", *PRECISIONS)),
+            backend=_choice(env, "BACKEND", "auto", BACKEND_CHOICES),
+            precision=_choice(env, "PRECISION", "auto", PRECISION_CHOICES),
             cache_dir=read_cache_dir(env),
             max_batch_tokens=_int(env, "MAX_BATCH_TOKENS", DEFAULT_MAX_BATCH_TOKENS, minimum=256),
             embedding_cache_mb=read_number(env, "EMBEDDING_CACHE_MB", DEFAULT_EMBEDDING_CACHE_MB, 0),
