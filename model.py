@@ -143,7 +143,8 @@ class EmbeddingModel(Model):
 
     async def predict(self, payload: EmbedRequest, headers: dict[str, str] | None = None,
                       response_headers: dict[str, str] | None = None) -> EmbedResult:
-        return EmbedResult(payload, await self.embedder.embed(payload.texts, cache_namespace(headers)))
+        namespace = cache_namespace(headers) if self.embedder.cache is not None else ""  # no cache: no key hashing
+        return EmbedResult(payload, await self.embedder.embed(payload.texts, namespace))
 
     async def postprocess(self, result: EmbedResult, headers: dict[str, str] | None = None,
                           response_headers: dict[str, str] | None = None) -> dict | InferResponse:

@@ -216,8 +216,8 @@ HANDLED = (BadRequest, Unprocessable, TooLarge, InvalidInput, Overloaded, OpenAI
 
 
 def register_error_handlers(app: FastAPI) -> None:
-    """Our answers for every kind in HANDLED. Call it after KServe's RESTServer.create_application, whose own
-    handlers for InvalidInput, ModelNotReady, ... would otherwise replace these."""
+    """Our answers for every kind in HANDLED. Call it after KServe's handlers are installed (server.install_app
+    does): its own handlers for InvalidInput, ModelNotReady, ... would otherwise replace these."""
     for cls in HANDLED:
         app.add_exception_handler(cls, _handle)
 
