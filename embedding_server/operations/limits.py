@@ -49,9 +49,12 @@ class BodyGuardMiddleware:
         await self._run_until_disconnect(scope, b"".join(chunks), receive, send)
 
     async def _run_until_disconnect(self, scope: Scope, body: bytes, receive: Receive, send: Send) -> None:
+        """Runs the app in this task (a task of its own would cost the event loop a turn a request) while a watcher
+        reads the connection: a disconnect before the answer's last byte cancels this task's work."""
         delivered = False
         disconnected = asyncio.Event()
-        answered = False
+        answered = finished = cancelled = False
+        task = asyncio.current_task()
 
         async def replay() -> Message:
             nonlocal delivered
@@ -67,26 +70,29 @@ class BodyGuardMiddleware:
                 answered = True
             await send(message)
 
-        work = asyncio.ensure_future(self.app(scope, replay, tracking_send))
-
         async def watch() -> None:
+            nonlocal cancelled
             while True:
                 message = await receive()
                 if message["type"] == "http.disconnect":
                     disconnected.set()
-                    if not answered and not work.done():
+                    if not answered and not finished:
                         logger.info("Client left before its answer: cancelling %s %s", scope["method"], scope["path"])
-                        work.cancel()
+                        cancelled = True
+                        task.cancel()
                     return
 
         watcher = asyncio.ensure_future(watch())
         try:
-            await work
+            await self.app(scope, replay, tracking_send)
         except asyncio.CancelledError:
-            if not disconnected.is_set():
+            if not cancelled:
                 raise  # the server is cancelling us, not the client
         finally:
+            finished = True
             watcher.cancel()
+            if cancelled:
+                task.uncancel()  # the client's cancel ends here; the server's own (if any) stays counted
 
     async def _reject(self, scope: Scope, receive: Receive, send: Send) -> None:
         response = error_response(TooLarge(self.message), scope["path"])
