@@ -67,6 +67,7 @@ class HFTokenizer:
         self._tokenizer = Tokenizer.from_str(tokenizer_json)
         self._tokenizer.no_padding()
         self._tokenizer.enable_truncation(max_length=max_seq_length)
+        self.max_length = max_seq_length
         self.pad_id = pad_id
 
     @classmethod
@@ -74,13 +75,20 @@ class HFTokenizer:
         return cls(tokenizer.backend_tokenizer.to_str(), tokenizer.pad_token_id or 0, max_seq_length)
 
     def __call__(self, texts: list[str]) -> list[Tokenized]:
+        if len(texts) == 1:  # the one-text request: encode() skips encode_batch's parallel machinery
+            return [self._tokenized(self._tokenizer.encode(texts[0]))]
         # The tokenizer's Encoding objects (tokens, offsets, masks) are ~35 KB each for a long text; encoding
         # a chunk at a time keeps only a chunk of them alive (2048 long texts at once held ~75 MB more).
         out = []
         for start in range(0, len(texts), TOKENIZE_CHUNK):
-            out += [Tokenized(ids=np.array(enc.ids, dtype=np.int32), truncated=bool(enc.overflowing))
-                    for enc in self._tokenizer.encode_batch(texts[start:start + TOKENIZE_CHUNK])]
+            out += map(self._tokenized, self._tokenizer.encode_batch(texts[start:start + TOKENIZE_CHUNK]))
         return out
+
+    def _tokenized(self, encoding) -> Tokenized:
+        ids = encoding.ids
+        # Only a text that reached the limit can have been cut; reading `overflowing` builds its Encodings.
+        return Tokenized(ids=np.array(ids, dtype=np.int32),
+                         truncated=len(ids) >= self.max_length and bool(encoding.overflowing))
 
 
 def pad(batch: Sequence[np.ndarray], pad_id: int, grid: ShapeGrid = EXACT) -> tuple[np.ndarray, np.ndarray]:
