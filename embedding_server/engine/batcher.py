@@ -14,6 +14,8 @@ import asyncio
 import functools
 import logging
 import math
+import queue
+import threading
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -130,6 +132,66 @@ def plan_batches(lengths: list[int], max_batch_tokens: int, call_overhead_tokens
     return batches
 
 
+def _settle(future: asyncio.Future, result: object, error: BaseException | None) -> None:
+    if future.cancelled():  # its request went away while the model ran
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
+
+
+class InferThreads:
+    """Threads that only run the model, fed from one queue, each result handed back to the event loop in one
+    call_soon_threadsafe. run_in_executor's chain of a concurrent future, its lock and condition, and a wrapping
+    asyncio future cost 30-40 us more a call on these 2 cores (bench/README.md, "Where a one-text request's time
+    goes"), on the path of every one-text request."""
+
+    def __init__(self, count: int, name: str = "infer"):
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._threads = [threading.Thread(target=self._serve, name=f"{name}_{i}", daemon=True) for i in range(count)]
+        for thread in self._threads:
+            thread.start()
+
+    def run(self, fn, *args) -> asyncio.Future:
+        """``fn(*args)`` on one of the threads; the future is the event loop's."""
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._jobs.put((loop, future, fn, args))
+        return future
+
+    def _serve(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            loop, future, fn, args = job
+            if future.cancelled():  # abandoned before its turn: not computed
+                continue
+            result, error = None, None
+            try:
+                result = fn(*args)
+            except BaseException as exc:  # handed to the awaiting request, as run_in_executor would
+                error = exc
+            try:
+                loop.call_soon_threadsafe(_settle, future, result, error)
+            except RuntimeError:  # the loop has closed: nobody waits for this answer
+                pass
+
+    def close(self) -> None:
+        """The threads end after their current call; calls not yet started are not run."""
+        while True:
+            try:
+                loop, future, _, _ = self._jobs.get_nowait()
+            except queue.Empty:
+                break
+            except TypeError:  # a stop marker of an earlier close
+                continue
+            try:
+                loop.call_soon_threadsafe(future.cancel)
+            except RuntimeError:
+                pass
+        for _ in self._threads:
+            self._jobs.put(None)
+
+
 class Batcher:
     def __init__(self, backend: Backend, max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS, max_queued_texts: int = 0,
                  max_queue_seconds: float = Limits.max_queue_seconds, throughput: Throughput | None = None,
@@ -151,7 +213,7 @@ class Batcher:
         self.streams_queue_tokens = streams_queue_tokens or streams * max_batch_tokens
         # One thread a stream runs the model (its own intra-op threads use the cores); another tokenizes,
         # so that tokenizing the next requests overlaps with the forward pass.
-        self._infer_pool = ThreadPoolExecutor(max_workers=streams, thread_name_prefix="infer")
+        self._infer = InferThreads(streams)
         self._tokenize_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize")
 
     @property
@@ -326,7 +388,7 @@ class Batcher:
         ids = [req.tokenized[i].ids for req, i in items]
         try:
             embed = functools.partial(self.backend.embed, parallel=True) if parallel else self.backend.embed
-            vectors = await loop.run_in_executor(self._infer_pool, embed, ids)
+            vectors = await self._infer.run(embed, ids)
         except Exception as exc:  # a backend failure fails the requests in this batch, not the worker
             logger.exception("inference failed for a batch of %d texts", len(items))
             for req, _ in items:
@@ -353,5 +415,5 @@ class Batcher:
     def close(self) -> None:
         if self._worker is not None:
             self._worker.cancel()
-        self._infer_pool.shutdown(wait=False, cancel_futures=True)
+        self._infer.close()
         self._tokenize_pool.shutdown(wait=False, cancel_futures=True)
