@@ -36,7 +36,12 @@ from embedding_server.operations.observability import COST_HEADERS, REQUEST_ID_H
 from embedding_server.operations.settings import Settings
 from embedding_server.protocols.api_docs import install_api_docs
 from embedding_server.protocols.grpc_v2 import EmbeddingServicer, MalformedMessageInterceptor
-from embedding_server.protocols.routes import register_legacy_routes, register_openai_routes, register_v2_infer_routes
+from embedding_server.protocols.routes import (
+    register_legacy_routes,
+    register_openai_routes,
+    register_v1_predict_route,
+    register_v2_infer_routes,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +75,7 @@ def install_app(app: FastAPI, data_plane: DataPlane, model_name: str, settings: 
     register_legacy_routes(app, data_plane, model_name, settings)
     register_openai_routes(app, data_plane, model_name, dimension)
     register_v2_infer_routes(app, data_plane)
+    register_v1_predict_route(app, data_plane)
     # CORS answers preflights before the key is checked, and the body is read (within its limit) only for
     # requests that carry a valid key.
     app.add_middleware(BodyGuardMiddleware, max_body_bytes=settings.limits.max_body_bytes)
