@@ -290,6 +290,47 @@ def test_an_abandoned_request_gives_back_its_admitted_work(backend):
     assert queued == 21 and after == 0 and backlog == 0
 
 
+def test_a_lone_request_that_leaves_mid_batch_holds_back_the_next_batch(backend, reference):
+    """A request that finds the batcher idle runs its batch on its own task. Cancelled while the model runs, it
+    gives its work back, the call runs to its end, and the next batch starts after it, not beside it (two threads
+    could run both), then answers its own texts."""
+    gated = GatedBackend(backend)
+    running, most = [0], [0]
+    inner = gated.embed
+
+    def embed(batch):
+        running[0] += 1
+        most[0] = max(most[0], running[0])
+        try:
+            return inner(batch)
+        finally:
+            running[0] -= 1
+
+    gated.embed = embed
+
+    async def run():
+        batcher = Batcher(gated, max_batch_tokens=256, streams=2)
+        try:
+            lone = asyncio.ensure_future(batcher.embed(["the lone text"]))
+            await wait_for(gated.entered)
+            lone.cancel()
+            await asyncio.sleep(0)
+            next_ = asyncio.ensure_future(batcher.embed(["the next text"]))
+            await asyncio.sleep(0.2)
+            started_early = len(gated.batches) > 0 or running[0] > 1
+            gated.gate.set()
+            result = await next_
+            return lone.cancelled(), started_early, result, batcher.queued_texts
+        finally:
+            gated.gate.set()
+            batcher.close()
+
+    cancelled, started_early, result, queued = asyncio.run(run())
+    assert cancelled and not started_early and most[0] == 1
+    assert cosines(result.embeddings, reference(["the next text"])).min() >= 0.99999
+    assert queued == 0
+
+
 def test_throughput_moves_towards_what_is_measured():
     rate = Throughput(initial=500.0, horizon=5.0)
     assert rate.seconds_for(1000) == pytest.approx(2.0)

@@ -6,7 +6,9 @@ little padding is computed, cuts them into micro-batches by a token budget, runs
 event loop, and routes every row back to its request in the caller's order. A request is
 answered as soon as its own rows are done, and it waits only for the texts that arrived
 before it: admission can therefore bound the wait of every request it accepts, from the
-work already admitted and the throughput measured so far.
+work already admitted and the throughput measured so far. A request that finds nothing queued and
+nothing running is a round of its own, run by its own task: a lone text (the latency case) does not wait
+for the worker to wake up and hand its answer back.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import queue
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -132,22 +135,16 @@ def plan_batches(lengths: list[int], max_batch_tokens: int, call_overhead_tokens
     return batches
 
 
-def _settle(future: asyncio.Future, result: object, error: BaseException | None) -> None:
-    if future.cancelled():  # its request went away while the model ran
-        return
-    if error is not None:
-        future.set_exception(error)
-    else:
-        future.set_result(result)
-
-
 class InferThreads:
     """Threads that only run the model, fed from one queue, each result handed back to the event loop in one
     call_soon_threadsafe. run_in_executor's chain of a concurrent future, its lock and condition, and a wrapping
     asyncio future cost 30-40 us more a call on these 2 cores (bench/README.md, "Where a one-text request's time
     goes"), on the path of every one-text request."""
 
-    def __init__(self, count: int, name: str = "infer"):
+    def __init__(self, count: int, name: str = "infer", on_idle: Callable[[], None] | None = None):
+        """``on_idle``: called on the event loop when the last call in flight has ended."""
+        self.running = 0  # calls handed to the threads and not yet ended, abandoned ones included
+        self._on_idle = on_idle
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         self._threads = [threading.Thread(target=self._serve, name=f"{name}_{i}", daemon=True) for i in range(count)]
         for thread in self._threads:
@@ -157,23 +154,33 @@ class InferThreads:
         """``fn(*args)`` on one of the threads; the future is the event loop's."""
         loop = asyncio.get_running_loop()
         future = loop.create_future()
+        self.running += 1
         self._jobs.put((loop, future, fn, args))
         return future
 
     def _serve(self) -> None:
         while (job := self._jobs.get()) is not None:
             loop, future, fn, args = job
-            if future.cancelled():  # abandoned before its turn: not computed
-                continue
             result, error = None, None
+            if not future.cancelled():  # one abandoned before its turn is not computed
+                try:
+                    result = fn(*args)
+                except BaseException as exc:  # handed to the awaiting request, as run_in_executor would
+                    error = exc
             try:
-                result = fn(*args)
-            except BaseException as exc:  # handed to the awaiting request, as run_in_executor would
-                error = exc
-            try:
-                loop.call_soon_threadsafe(_settle, future, result, error)
+                loop.call_soon_threadsafe(self._settle, future, result, error)
             except RuntimeError:  # the loop has closed: nobody waits for this answer
                 pass
+
+    def _settle(self, future: asyncio.Future, result: object, error: BaseException | None) -> None:
+        self.running -= 1
+        if not future.cancelled():  # else its request went away while the model ran
+            if error is not None:
+                future.set_exception(error)
+            else:
+                future.set_result(result)
+        if not self.running and self._on_idle is not None:
+            self._on_idle()
 
     def close(self) -> None:
         """The threads end after their current call; calls not yet started are not run."""
@@ -209,11 +216,12 @@ class Batcher:
         self._tokens = 0  # tokens admitted and not yet computed, the running round's included
         self._wakeup: asyncio.Event | None = None
         self._worker: asyncio.Task | None = None
+        self._in_round = False  # a round is being planned or run, by the worker or by a request alone
         self.streams = streams
         self.streams_queue_tokens = streams_queue_tokens or streams * max_batch_tokens
         # One thread a stream runs the model (its own intra-op threads use the cores); another tokenizes,
         # so that tokenizing the next requests overlaps with the forward pass.
-        self._infer = InferThreads(streams)
+        self._infer = InferThreads(streams, on_idle=self._wake_if_pending)
         self._tokenize_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize")
 
     @property
@@ -275,9 +283,18 @@ class Batcher:
             pending_tokens=tokens,
         )
         request.future.add_done_callback(functools.partial(self._release, request))
-        self._pending.extend((request, i) for i in range(len(texts)))
-        self._wakeup.set()
-        await request.future
+        try:
+            if self._idle and tokens <= self.max_batch_tokens:
+                # Nothing queued, nothing running: this request is the next round, run by its own task (the
+                # worker's wake-up and the answer's hand-back would cost two more turns of the event loop).
+                await self._run_alone(loop, request)
+            else:
+                self._pending.extend((request, i) for i in range(len(texts)))
+                self._wakeup.set()
+            await request.future
+        except BaseException:
+            request.future.cancel()  # a request that leaves mid-round gives its uncomputed work back (_release)
+            raise
         now = time.perf_counter()
         started = request.started or now
         observe_queue_wait(started - request.enqueued)
@@ -291,6 +308,22 @@ class Batcher:
             text_tokens=tuple(len(t.ids) for t in tokenized),
             text_truncated=tuple(t.truncated for t in tokenized),
         )
+
+    @property
+    def _idle(self) -> bool:
+        return not (self._pending or self._in_round or self._infer.running)
+
+    def _wake_if_pending(self) -> None:
+        if self._pending and self._wakeup is not None:
+            self._wakeup.set()
+
+    async def _run_alone(self, loop: asyncio.AbstractEventLoop, request: _Request) -> None:
+        self._in_round = True
+        try:
+            await self._run_round(loop, [(request, i) for i in range(len(request.tokenized))])
+        finally:
+            self._in_round = False
+            self._wake_if_pending()
 
     def _release(self, request: _Request, _: asyncio.Future) -> None:
         """What a finished, failed or abandoned request had not computed no longer counts as admitted work."""
@@ -339,13 +372,17 @@ class Batcher:
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            if not self._pending:
+            if not self._pending or self._in_round or self._infer.running:  # the last two: a request runs alone
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
             round_ = self._take_round()
             if round_:
-                await self._run_round(loop, round_)
+                self._in_round = True
+                try:
+                    await self._run_round(loop, round_)
+                finally:
+                    self._in_round = False
 
     async def _run_round(self, loop: asyncio.AbstractEventLoop, round_: list[tuple[_Request, int]]) -> None:
         started = time.perf_counter()
