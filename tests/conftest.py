@@ -161,15 +161,30 @@ def start_server(tmp_dir: Path, env: dict[str, str] | None = None, args: list[st
     raise RuntimeError(f"server not healthy after {START_TIMEOUT}s:\n{server.log()[-4000:]}")
 
 
+# The files that take longest (measured under two workers: minutes of image builds, then real servers, exports and
+# Ray), longest first. Under parallel workers they are handed out first (.ci/run keeps the collection's order), so
+# that no long file starts last while the other worker has nothing left to do. Without workers the order is as
+# collected.
+LONGEST_FILES = ("test_image.py", "test_backends.py", "test_embed_client.py", "test_limits.py", "test_ray_serve.py",
+                 "test_model.py", "test_servingruntime.py", "test_cache.py", "test_model_dir.py")
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+    rank = {name: index for index, name in enumerate(LONGEST_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(LONGEST_FILES)))  # stable: in-file order kept
+
+
 @pytest.fixture(scope="session", autouse=True)
-def shared_cache_dir(tmp_path_factory, worker_id) -> Iterator[Path]:
+def shared_cache_dir(tmp_path_factory) -> Iterator[Path]:
     """One CACHE_DIR for the run, inherited by every server subprocess and read by the backend tests: the model is
     exported to ONNX and OpenVINO once per run, not once per server (tests of the export itself use their own).
 
     With parallel workers it is one folder for all of them, beside their own temporary folders. The export cache
     builds each export in a scratch folder and renames it into place, so workers that export at once each get a
     whole export (and the first rename wins)."""
-    if worker_id == "master":
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
         folder = tmp_path_factory.mktemp("export-cache")
     else:
         folder = tmp_path_factory.getbasetemp().parent / "export-cache"
