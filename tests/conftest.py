@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import json
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -27,10 +28,46 @@ TEST_KEY = "test-key-7f3a9c"
 START_TIMEOUT = 240
 
 
+# Ports for the servers tests start. Not the kernel's pick of a free ephemeral port: that port is free only until
+# the server binds it seconds later, and meanwhile the kernel may hand it to any client socket or to another test
+# process (tests run in parallel workers, see .ci/run). Instead each worker takes ports in turn from its own block
+# below the ephemeral range (which clients never get), from a random start (so that two runs at once seldom meet),
+# skipping any port something holds.
+PORT_BLOCK = 1000
+PORT_BASE = 12000
+_next_port: list[int] = []
+
+
+def worker_index() -> int:
+    """0, 1, ... for parallel test workers ("gw0", "gw1", ...); 0 without them."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+    return int(worker[2:]) if worker.startswith("gw") and worker[2:].isdigit() else 0
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A port no socket holds now, in this worker's own block, not handed out before by this process."""
+    low = PORT_BASE + worker_index() * PORT_BLOCK
+    if low + PORT_BLOCK > _ephemeral_low():
+        raise RuntimeError(f"worker {worker_index()}: no port block below the ephemeral range")
+    if not _next_port:
+        _next_port.append(low + random.randrange(PORT_BLOCK))
+    for _ in range(PORT_BLOCK):
+        port = low + (_next_port[0] - low) % PORT_BLOCK
+        _next_port[0] = port + 1
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind(("0.0.0.0", port))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError(f"no free port in {low}-{low + PORT_BLOCK - 1}")
 
 
 class LoopbackEndpoints:
@@ -124,11 +161,34 @@ def start_server(tmp_dir: Path, env: dict[str, str] | None = None, args: list[st
     raise RuntimeError(f"server not healthy after {START_TIMEOUT}s:\n{server.log()[-4000:]}")
 
 
+# The files that take longest (measured under two workers: minutes of image builds, then real servers, exports and
+# Ray), longest first. Under parallel workers they are handed out first (.ci/run keeps the collection's order), so
+# that no long file starts last while the other worker has nothing left to do. Without workers the order is as
+# collected.
+LONGEST_FILES = ("test_image.py", "test_backends.py", "test_embed_client.py", "test_limits.py", "test_ray_serve.py",
+                 "test_model.py", "test_servingruntime.py", "test_cache.py", "test_model_dir.py")
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+    rank = {name: index for index, name in enumerate(LONGEST_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(LONGEST_FILES)))  # stable: in-file order kept
+
+
 @pytest.fixture(scope="session", autouse=True)
 def shared_cache_dir(tmp_path_factory) -> Iterator[Path]:
     """One CACHE_DIR for the run, inherited by every server subprocess and read by the backend tests: the model is
-    exported to ONNX and OpenVINO once per run, not once per server (tests of the export itself use their own)."""
-    folder = tmp_path_factory.mktemp("export-cache")
+    exported to ONNX and OpenVINO once per run, not once per server (tests of the export itself use their own).
+
+    With parallel workers it is one folder for all of them, beside their own temporary folders. The export cache
+    builds each export in a scratch folder and renames it into place, so workers that export at once each get a
+    whole export (and the first rename wins)."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        folder = tmp_path_factory.mktemp("export-cache")
+    else:
+        folder = tmp_path_factory.getbasetemp().parent / "export-cache"
+        folder.mkdir(exist_ok=True)
     saved = os.environ.get("CACHE_DIR")
     os.environ["CACHE_DIR"] = str(folder)
     yield folder
