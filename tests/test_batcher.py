@@ -87,10 +87,12 @@ def embed_concurrently(batcher: Batcher, requests: list[list[str]]) -> list:
 
 def test_concurrent_requests_are_batched_and_routed_back_in_order(backend, reference):
     counting = CountingBackend(backend)
-    # Five lengths shared by every request: each length makes one batch that mixes all twelve requests.
+    # Five lengths shared by every request. The first request finds the batcher idle and runs alone; the other
+    # eleven queue meanwhile and are one round (a queue bound this lax never shortens a round on a slow machine),
+    # in which each length makes one batch that mixes them.
     requests = [[f"request {r} text {i} " + "word " * (i * 9) for i in range(5)] for r in range(12)]
 
-    results = embed_concurrently(Batcher(counting, max_batch_tokens=4096), requests)
+    results = embed_concurrently(Batcher(counting, max_batch_tokens=4096, max_queue_seconds=3600), requests)
     for texts, result in zip(requests, results):
         assert result.embeddings.shape == (5, 384)
         assert cosines(result.embeddings, reference(texts)).min() >= 0.99999
