@@ -40,6 +40,7 @@ from embedding_server.protocols.adapters import (
     parse_openai_embedding,
     texts_from_instances,
 )
+from embedding_server.protocols.routes import V1_PREDICT_PATH
 
 logger = logging.getLogger(__name__)
 
@@ -263,7 +264,7 @@ def _operations(model_name: str, dimension: int) -> dict[tuple[str, str], dict]:
                 "list": ("One model", {"object": "list", "data": [
                     {"id": model_name, "object": "model", "created": 0, "owned_by": "kserve"}]})})}},
         },
-        ("/v1/models/{model_name}:predict", "post"): {
+        (V1_PREDICT_PATH, "post"): {
             "summary": "Embed texts (KServe V1)",
             "requestBody": {"required": True, "content": _json(_ref("schemas", "Instances"), {
                 "instances": ("A list of texts", {"instances": texts})})},
