@@ -313,6 +313,34 @@ def cosines(a, b) -> np.ndarray:
 
 # --- The same wiring in-process -------------------------------------------------------------------------------
 
+class RecordingBackend:
+    """A real backend, recording the token counts of each batch it computes (`batches`). With `held`, every batch
+    waits on the model thread until the test sets `gate` (`entered` says one has arrived): work stays in progress
+    on demand, for tests of queues, admission and abandoned requests."""
+
+    def __init__(self, backend, held: bool = False):
+        self.inner, self.batches = backend, []
+        self.name, self.dimension, self.max_seq_length = backend.name, backend.dimension, backend.max_seq_length
+        self.shapes = backend.shapes
+        self.gate, self.entered = threading.Event(), threading.Event()
+        if not held:
+            self.gate.set()
+
+    @property
+    def rows(self) -> list[int]:
+        """Token counts of every text computed, batch after batch."""
+        return [length for batch in self.batches for length in batch]
+
+    def tokenize(self, texts):
+        return self.inner.tokenize(texts)
+
+    def embed(self, batch):
+        self.entered.set()
+        self.gate.wait(timeout=60)
+        self.batches.append([len(ids) for ids in batch])
+        return self.inner.embed(batch)
+
+
 class HashBackend:
     """A small deterministic backend for protocol, error, auth and fuzz tests: one token per word (a hash) between
     [CLS] and [SEP], cut at max_seq_length, and per text a unit vector drawn from a hash of its token ids. The same

@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from conftest import cosines
+from conftest import RecordingBackend, cosines
 from embedding_server.engine.batcher import Batcher, Throughput, plan_batches
 from embedding_server.engine.runtimes import TorchBackend
 from embedding_server.engine.tokens import ShapeGrid
@@ -58,22 +58,6 @@ def backend(model_path):
     return TorchBackend(model_path, precision="fp32")
 
 
-class CountingBackend:
-    """The real backend, recording the batches it is given."""
-
-    def __init__(self, backend):
-        self.inner, self.batches = backend, []
-        self.name, self.dimension, self.max_seq_length = backend.name, backend.dimension, backend.max_seq_length
-        self.shapes = backend.shapes
-
-    def tokenize(self, texts):
-        return self.inner.tokenize(texts)
-
-    def embed(self, batch):
-        self.batches.append([len(ids) for ids in batch])
-        return self.inner.embed(batch)
-
-
 def embed_concurrently(batcher: Batcher, requests: list[list[str]]) -> list:
     """Every request sent at once to the batcher, which is closed afterwards."""
     async def run():
@@ -86,7 +70,7 @@ def embed_concurrently(batcher: Batcher, requests: list[list[str]]) -> list:
 
 
 def test_concurrent_requests_are_batched_and_routed_back_in_order(backend, reference):
-    counting = CountingBackend(backend)
+    counting = RecordingBackend(backend)
     # Five lengths shared by every request. The first request finds the batcher idle and runs alone; the other
     # eleven queue meanwhile and are one round (a queue bound this lax never shortens a round on a slow machine),
     # in which each length makes one batch that mixes them.
@@ -115,7 +99,7 @@ def test_truncation_is_counted(backend):
 
 
 def test_a_failing_batch_fails_its_requests_and_the_batcher_goes_on(backend):
-    class Failing(CountingBackend):
+    class Failing(RecordingBackend):
         def embed(self, batch):
             if any(len(ids) > 100 for ids in batch):
                 raise RuntimeError("backend broke")
@@ -172,20 +156,6 @@ def test_empty_request_needs_no_model(backend):
     assert asyncio.run(run()).embeddings.shape == (0, 384)
 
 
-class GatedBackend(CountingBackend):
-    """The real backend, each batch held until the test lets it run: work stays in progress on demand."""
-
-    def __init__(self, backend):
-        super().__init__(backend)
-        self.gate = threading.Event()
-        self.entered = threading.Event()
-
-    def embed(self, batch):
-        self.entered.set()
-        self.gate.wait(timeout=60)
-        return super().embed(batch)
-
-
 async def wait_for(event: threading.Event) -> None:
     while not event.is_set():
         await asyncio.sleep(0.01)
@@ -193,7 +163,7 @@ async def wait_for(event: threading.Event) -> None:
 
 def test_texts_being_computed_count_against_the_queue_bound(backend):
     """MAX_QUEUED_TEXTS counts the running round too, not only the texts no round has taken yet."""
-    gated = GatedBackend(backend)
+    gated = RecordingBackend(backend, held=True)
 
     async def run():
         batcher = Batcher(gated, max_queued_texts=4)
@@ -236,7 +206,7 @@ def test_admission_bounds_the_estimated_wait_and_says_when_to_retry(backend):
 
 def test_a_request_is_answered_when_its_own_rows_are_done(backend):
     """A short request queued before a large one is answered before the large one's rows are all done."""
-    gated = GatedBackend(backend)
+    gated = RecordingBackend(backend, held=True)
     small = ["short one", "short two"]
     large = [f"{i} " + "a longer text about the weather and markets " * 6 for i in range(400)]
     answered_after: dict[str, int] = {}
@@ -269,7 +239,7 @@ def test_a_request_is_answered_when_its_own_rows_are_done(backend):
 
 
 def test_an_abandoned_request_gives_back_its_admitted_work(backend):
-    gated = GatedBackend(backend)
+    gated = RecordingBackend(backend, held=True)
 
     async def run():
         batcher = Batcher(gated, max_batch_tokens=256)
@@ -296,7 +266,7 @@ def test_a_lone_request_that_leaves_mid_batch_holds_back_the_next_batch(backend,
     """A request that finds the batcher idle runs its batch on its own task. Cancelled while the model runs, it
     gives its work back, the call runs to its end, and the next batch starts after it, not beside it (two threads
     could run both), then answers its own texts."""
-    gated = GatedBackend(backend)
+    gated = RecordingBackend(backend, held=True)
     running, most = [0], [0]
     inner = gated.embed
 
@@ -357,7 +327,7 @@ def test_overloaded_crosses_processes_with_its_retry_after():
 
 def test_a_request_whose_turn_comes_after_its_bound_is_refused_then(backend):
     """If the machine slows below the estimate, a queued request is refused at its turn rather than run late."""
-    gated = GatedBackend(backend)
+    gated = RecordingBackend(backend, held=True)
 
     async def run():
         batcher = Batcher(gated, max_queue_seconds=0.2, throughput=Throughput(initial=1e9))
@@ -379,7 +349,7 @@ def test_a_request_whose_turn_comes_after_its_bound_is_refused_then(backend):
     assert queued == 0
 
 
-class StreamsBackend(CountingBackend):
+class StreamsBackend(RecordingBackend):
     """The real backend offering two streams; records how many batches ran at once and on which form."""
 
     streams = 2

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import threading
 import uuid
 
 import numpy as np
@@ -13,7 +12,7 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import MODEL_NAME, TEST_KEY, cosines, grpc_infer, start_server
+from conftest import MODEL_NAME, TEST_KEY, RecordingBackend, cosines, grpc_infer, start_server
 from embedding_server.engine.batcher import Batcher
 from embedding_server.engine.cache import (
     ENTRY_OVERHEAD_BYTES,
@@ -105,26 +104,6 @@ def backend(model_path):
     return TorchBackend(model_path, precision="fp32")
 
 
-class Recording:
-    """The real backend, recording the texts' token counts it computes, each batch held until `gate` is set."""
-
-    def __init__(self, backend):
-        self.inner, self.rows = backend, []
-        self.name, self.dimension, self.max_seq_length = backend.name, backend.dimension, backend.max_seq_length
-        self.shapes = backend.shapes
-        self.gate, self.entered = threading.Event(), threading.Event()
-        self.gate.set()
-
-    def tokenize(self, texts):
-        return self.inner.tokenize(texts)
-
-    def embed(self, batch):
-        self.entered.set()
-        self.gate.wait(timeout=60)
-        self.rows.extend(len(ids) for ids in batch)
-        return self.inner.embed(batch)
-
-
 def run_with(backend, scenario, cache_bytes: int = 10 * ENTRY, **batcher_options):
     """Runs `scenario(embedder)` on a fresh batcher and cache over `backend`."""
     async def run():
@@ -140,7 +119,7 @@ def run_with(backend, scenario, cache_bytes: int = 10 * ENTRY, **batcher_options
 
 
 def test_a_hit_returns_the_bytes_its_miss_computed_and_costs_no_model_call(backend, reference):
-    recording = Recording(backend)
+    recording = RecordingBackend(backend)
     texts = ["The cat sat on the mat.", "Markets fell sharply today."]
 
     async def scenario(embedder):
@@ -155,11 +134,11 @@ def test_a_hit_returns_the_bytes_its_miss_computed_and_costs_no_model_call(backe
 
 
 def test_a_partial_hit_sends_only_the_new_texts_and_keeps_the_order(backend, reference):
-    recording = Recording(backend)
+    recording = RecordingBackend(backend)
 
     async def scenario(embedder):
         await embedder.embed(["known one", "known two"], "ns")
-        recording.rows.clear()
+        recording.batches.clear()
         return await embedder.embed(["new text here", "known two", "known one"], "ns")
 
     mixed = run_with(recording, scenario)
@@ -168,7 +147,7 @@ def test_a_partial_hit_sends_only_the_new_texts_and_keeps_the_order(backend, ref
 
 
 def test_identical_texts_in_one_request_and_in_flight_are_computed_once(backend):
-    recording = Recording(backend)
+    recording = RecordingBackend(backend)
 
     async def scenario(embedder):
         # One request repeats a text; five more send it while its computation is in flight.
@@ -183,7 +162,7 @@ def test_identical_texts_in_one_request_and_in_flight_are_computed_once(backend)
 
 
 def test_namespaces_share_neither_entries_nor_computations_in_flight(backend):
-    recording = Recording(backend)
+    recording = RecordingBackend(backend)
 
     async def scenario(embedder):
         in_flight = await asyncio.gather(embedder.embed(["shared text"], "alice"), embedder.embed(["shared text"], "bob"))
@@ -195,7 +174,7 @@ def test_namespaces_share_neither_entries_nor_computations_in_flight(backend):
 
 
 def test_a_cached_request_neither_queues_nor_meets_admission(backend):
-    recording = Recording(backend)
+    recording = RecordingBackend(backend)
 
     async def scenario(embedder):
         await embedder.embed(["cached a", "cached b"], "ns")
@@ -217,7 +196,7 @@ def test_a_cached_request_neither_queues_nor_meets_admission(backend):
 
 
 def test_who_joins_an_abandoned_computation_computes_it_itself(backend):
-    recording = Recording(backend)
+    recording = RecordingBackend(backend)
 
     async def scenario(embedder):
         recording.gate.clear()
@@ -234,7 +213,7 @@ def test_who_joins_an_abandoned_computation_computes_it_itself(backend):
 
 
 def test_a_failure_reaches_every_request_that_joined(backend):
-    class Failing(Recording):
+    class Failing(RecordingBackend):
         def embed(self, batch):
             raise RuntimeError("backend broke")
 
@@ -247,7 +226,7 @@ def test_a_failure_reaches_every_request_that_joined(backend):
 
 
 def test_with_no_cache_every_text_goes_to_the_model(backend):
-    recording = Recording(backend)
+    recording = RecordingBackend(backend)
 
     async def scenario(embedder):
         return await embedder.embed(["again", "again"], "ns"), await embedder.embed(["again"], "ns")
