@@ -208,7 +208,7 @@ class EmbeddingModelServer(ModelServer):
         logger.info("Shutting down: HTTP and gRPC accept nothing new; requests in flight have %ds to finish",
                     self.drain_seconds)
         self._http.should_exit = True
-        stopping = [http]
+        stopping = [http, asyncio.ensure_future(self._close_late_connections(http))]
         if self._grpc is not None:
             stopping.append(asyncio.ensure_future(self._grpc.stop(grace=self.drain_seconds)))
         await asyncio.gather(*stopping, return_exceptions=True)
@@ -218,6 +218,20 @@ class EmbeddingModelServer(ModelServer):
             task.cancel()  # the gRPC server has stopped; model engines, if any, stop here
         await asyncio.gather(*others, return_exceptions=True)
         logger.info("Drained and unloaded in %.1fs", time.monotonic() - started)
+
+
+    async def _close_late_connections(self, http: asyncio.Future) -> None:
+        """Asks every open HTTP connection to close after its answer in flight, until HTTP has stopped.
+
+        uvicorn asks once, as its shutdown starts. A connection the event loop accepted just before it is only
+        registered a moment later (asyncio runs `connection_made` in a later turn of the loop), so it is missed: it
+        serves a request with keep-alive on, and a client that keeps it open holds the drain for the whole grace
+        period (seen in about one SIGTERM of two under steady load). Asking again closes it once it is idle.
+        """
+        while not http.done():
+            for connection in list(self._http.server_state.connections):
+                connection.shutdown()  # idle: closed now; answering: closed after its answer (uvicorn's own rule)
+            await asyncio.wait([http], timeout=0.1)
 
 
 def create_server(model: Model, settings: Settings, args: argparse.Namespace, dimension: int) -> EmbeddingModelServer:
