@@ -67,6 +67,22 @@ def v1_batch(server, texts: list[str], timeout: float = 60) -> requests.Response
     return post(server, V1, {"instances": texts}, timeout=timeout)
 
 
+def replicas_answering(server, label: str, seconds: float = 120) -> set[tuple[str, int]]:
+    """The replicas seen answering one-text requests sent eight at a time, until all have or `seconds` pass.
+
+    Sent one at a time, requests find every replica idle and may all go to one of them (it happened).
+    """
+    seen: set[tuple[str, int]] = set()
+    deadline = time.monotonic() + seconds
+    while len(seen) < REPLICAS and time.monotonic() < deadline:
+        with ThreadPoolExecutor(4) as pool:
+            responses = list(pool.map(lambda i: v1_batch(server, [f"{label} {i}"]), range(8)))
+        seen |= {replica_of(r) for r in responses if r.status_code == 200}
+        if len(seen) < REPLICAS:
+            time.sleep(1)
+    return seen
+
+
 # --- the same answers, on every route --------------------------------------------------------------------------
 
 def test_v1_matches_sentence_transformers(ray_server, reference):
@@ -190,7 +206,7 @@ def test_requests_spread_over_both_replicas(ray_server, reference):
 
 def test_a_killed_replica_is_replaced_and_no_request_hangs(ray_server):
     """SIGKILL one replica under load: each request gets 200 (retried on the other) or a 503 JSON error."""
-    before = {replica_of(v1_batch(ray_server, [f"warm {i}"])) for i in range(8)}
+    before = replicas_answering(ray_server, "warm")
     assert len(before) == REPLICAS
     victim_id, victim_pid = sorted(before)[0]
     client_timeout = 45  # above RAY_REQUEST_TIMEOUT=30: a 503 must come before the client gives up
@@ -215,21 +231,13 @@ def test_a_killed_replica_is_replaced_and_no_request_hangs(ray_server):
     assert statuses[200] >= len(results) // 2, statuses
 
     # Ray Serve starts a new replica in the victim's place; both answer again.
-    deadline = time.monotonic() + 120
-    seen: set[tuple[str, int]] = set()
-    while time.monotonic() < deadline:
-        with ThreadPoolExecutor(4) as pool:
-            responses = list(pool.map(lambda i: v1_batch(ray_server, [f"after {i}"]), range(8)))
-        seen = {replica_of(r) for r in responses if r.status_code == 200}
-        if len(seen) == REPLICAS and victim_id not in {rid for rid, _ in seen}:
-            break
-        time.sleep(2)
-    assert len(seen) == REPLICAS and (victim_id, victim_pid) not in seen, seen
+    seen = replicas_answering(ray_server, "after")
+    assert len(seen) == REPLICAS and victim_id not in {rid for rid, _ in seen}, seen
 
 
 def test_with_every_replica_killed_requests_end_in_bounded_time(ray_server):
     """No replica at all for a while: each request gets 200 (once a new one is up) or a 503 JSON error in time."""
-    pids = {pid for _, pid in (replica_of(v1_batch(ray_server, [f"warm {i}"])) for i in range(8))}
+    pids = {pid for _, pid in replicas_answering(ray_server, "warm")}
     assert len(pids) == REPLICAS
     request_timeout = 30  # RAY_REQUEST_TIMEOUT of the fixture
 
@@ -250,14 +258,7 @@ def test_with_every_replica_killed_requests_end_in_bounded_time(ray_server):
     assert {status for status, _ in results} <= {200, 503}, results
     assert max(elapsed for _, elapsed in results) < request_timeout + 10, results
 
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        with ThreadPoolExecutor(4) as pool:
-            responses = list(pool.map(lambda i: v1_batch(ray_server, [f"back {i}"]), range(8)))
-        alive = {replica_of(r) for r in responses if r.status_code == 200}
-        if len(alive) == REPLICAS:
-            break
-        time.sleep(2)
+    alive = replicas_answering(ray_server, "back", seconds=180)
     assert len(alive) == REPLICAS and not {pid for _, pid in alive} & pids, alive
 
 
