@@ -27,9 +27,9 @@ from conftest import MODEL_NAME, ROOT, TEST_KEY, cosines, free_port, hash_vector
 EXACT = 0.99999
 CLIENT = [sys.executable, str(ROOT / "embed_client.py")]
 N_LINES = int(os.environ.get("EMBED_CLIENT_TEST_LINES", "2000"))
-# Lines sent through the real model (the torch fp32 server) and sentence-transformers: four batches of 128 with
+# Lines sent through the real model (the torch fp32 server) and sentence-transformers: four batches of 40 with
 # every edge text (the file-format and resume tests send all N_LINES to the hash-backend server).
-REAL_MODEL_LINES = 512
+REAL_MODEL_LINES = 160
 LONG_TEXT = " ".join(["Batches of texts travel to the server and come back as vectors."] * 50)  # > 256 tokens
 EDGE_TEXTS = ["  leading and trailing spaces  ", "Ünïcödé, emoji 🚀 and 右から左 עברית text.", LONG_TEXT,
               'a "quoted", comma, separated; text', "x"]
@@ -332,7 +332,7 @@ def corpus_lines() -> list[str]:
 
     lines = [t for t in load_texts(4000) if len(t) <= 400][:N_LINES - len(EDGE_TEXTS)]
     for i, edge in enumerate(EDGE_TEXTS):
-        lines.insert(i * 97 + 13, edge)
+        lines.insert(i * 29 + 13, edge)  # all among the first REAL_MODEL_LINES
     assert len(set(lines)) == len(lines) == N_LINES
     return lines
 
@@ -444,7 +444,7 @@ def test_openai_jsonl_to_jsonl_matches_sentence_transformers(server, corpus_line
     source.write_text("".join(json.dumps({"uid": u, "body": t, "n": i}) + "\n"
                               for i, (u, t) in enumerate(zip(uids, corpus_lines))), encoding="utf-8")
     done = run_client(str(source), str(out), "--url", server.url, "--route", "openai", "--text-field", "body",
-                      "--id-field", "uid", "--batch-size", "128")
+                      "--id-field", "uid", "--batch-size", "40")
     assert done.returncode == 0, done.stderr
     ids, vectors = read_jsonl(out)
     assert ids == uids
