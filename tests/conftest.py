@@ -213,7 +213,7 @@ def model_path() -> str:
     return default_model_path()
 
 
-VARIANTS = ("cls", "dense128", "code")
+VARIANTS = ("cls", "dense128", "code", "tiny")
 # Prefix of a command that runs as root without the capabilities that let root ignore file permissions: the
 # process meets a read-only directory as any other user would (root's Python lives under /root, which uid 10001
 # cannot read).
@@ -239,6 +239,9 @@ def make_variant_model(folder: Path, kind: str) -> Path:
     cls: CLS pooling and no Normalize (vectors not of unit length).
     dense128: mean pooling, a Dense layer to 128 dimensions (fixed seed), Normalize, and a 128-token limit.
     code: the bundled model followed by a module of its own Python code (CODE_MODULE).
+    tiny: a randomly initialised BERT of two layers 32 wide (fixed seed) with the bundled tokenizer, CLS pooling and
+      no Normalize: a sentence-transformers model that is not MiniLM, exported in a fraction of MiniLM's time (for
+      the tests of the export cache itself).
     """
     import torch
     from sentence_transformers import SentenceTransformer
@@ -258,6 +261,19 @@ def make_variant_model(folder: Path, kind: str) -> Path:
         (target / folder / "config.json").write_text("{}")
         modules.append({"idx": len(modules), "name": str(len(modules)), "path": folder, "type": "flip.Flip"})
         (target / "modules.json").write_text(json.dumps(modules, indent=2))
+        return target
+    if kind == "tiny":
+        from transformers import AutoTokenizer, BertConfig, BertModel
+
+        tokenizer = AutoTokenizer.from_pretrained(default_model_path())
+        torch.manual_seed(15)
+        config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                            intermediate_size=64, max_position_embeddings=512)
+        weights = folder / "tiny-weights"
+        BertModel(config).save_pretrained(weights)
+        tokenizer.save_pretrained(weights)
+        transformer = Transformer(str(weights), max_seq_length=256)
+        SentenceTransformer(modules=[transformer, Pooling(32, pooling_mode="cls")], device="cpu").save(str(target))
         return target
     max_seq_length = 128 if kind == "dense128" else 256
     transformer = Transformer(default_model_path(), max_seq_length=max_seq_length)

@@ -1,7 +1,8 @@
 """Fidelity gate for every backend and precision offered: each must agree with sentence-transformers' own
 fp32 output on a few hundred real English texts (short, paragraph-long and truncated), text by text, in order.
-A second model folder with CLS pooling and no Normalize proves pooling and normalisation follow the model's
-config rather than being fixed for MiniLM."""
+A second model, a small random BERT with CLS pooling and no Normalize (conftest's "tiny" variant), proves that
+pooling and normalisation follow the model's config rather than being fixed for MiniLM; the tests of the export
+cache itself export it, in a fraction of MiniLM's time."""
 from __future__ import annotations
 
 import json
@@ -125,36 +126,26 @@ def test_result_does_not_depend_on_batch_company(name: str, precision: str, buil
 
 
 @pytest.fixture(scope="session")
-def cls_model_path(tmp_path_factory: pytest.TempPathFactory, model_path: str) -> Path:
-    """The bundled model with CLS pooling and without the Normalize module (weights linked, not copied)."""
-    folder = tmp_path_factory.mktemp("cls-model")
-    source = Path(model_path)
-    for item in source.iterdir():
-        if item.is_dir():
-            shutil.copytree(item, folder / item.name)
-        elif item.suffix == ".safetensors":
-            (folder / item.name).symlink_to(item)
-        else:
-            shutil.copyfile(item, folder / item.name)
-    pooling_file = folder / "1_Pooling" / "config.json"
-    pooling = json.loads(pooling_file.read_text())
-    pooling.update(pooling_mode_cls_token=True, pooling_mode_mean_tokens=False)
-    pooling_file.write_text(json.dumps(pooling))
-    modules_file = folder / "modules.json"
-    modules = [m for m in json.loads(modules_file.read_text()) if not m["type"].endswith("Normalize")]
-    modules_file.write_text(json.dumps(modules))
-    return folder
+def tiny(variant_model) -> str:
+    """A small random BERT with CLS pooling and no Normalize (conftest.make_variant_model)."""
+    return str(variant_model("tiny"))
+
+
+@pytest.fixture(scope="session")
+def tiny_reference(tiny: str, texts: list[str]) -> np.ndarray:
+    from sentence_transformers import SentenceTransformer
+
+    return SentenceTransformer(tiny, device="cpu").encode(texts[:24], convert_to_numpy=True)
 
 
 @pytest.mark.parametrize(("name", "precision"), EXPORTED, ids=[f"{n}-{p}" for n, p in EXPORTED])
-def test_pooling_and_normalisation_follow_the_model_config(name: str, precision: str, cls_model_path: Path,
-                                                           model_path: str, cache_dir: Path, texts: list[str],
-                                                           reference: np.ndarray) -> None:
+def test_pooling_and_normalisation_follow_the_model_config(name: str, precision: str, tiny: str, cache_dir: Path,
+                                                           texts: list[str], tiny_reference: np.ndarray) -> None:
     from sentence_transformers import SentenceTransformer
 
-    sample = texts[:24]
-    expected = SentenceTransformer(str(cls_model_path), device="cpu").encode(sample, convert_to_numpy=True)
-    backend = backends.create_backend(str(cls_model_path), name, precision, cache_dir=cache_dir)
+    sample, expected = texts[:24], tiny_reference
+    backend = backends.create_backend(tiny, name, precision, cache_dir=cache_dir)
+    assert backend.dimension == 32
     out = _embed_all(backend, sample)
     assert np.min(_cosines(out, expected)) >= MIN_COSINE[precision]
     norms, expected_norms = np.linalg.norm(out, axis=1), np.linalg.norm(expected, axis=1)
@@ -162,13 +153,14 @@ def test_pooling_and_normalisation_follow_the_model_config(name: str, precision:
     rtol = 1e-2 if precision == "bf16" else 1e-3 if name == "openvino" else 1e-4
     np.testing.assert_allclose(norms, expected_norms, rtol=rtol)
     assert np.all(np.abs(norms - 1.0) > 0.05), "no Normalize module, so the output must not be unit length"
-    assert np.max(_cosines(out, reference[:24])) < 0.99, "CLS pooling must differ from the mean-pooled model"
+    tokens_out = SentenceTransformer(tiny, device="cpu").encode(sample, output_value="token_embeddings")
+    mean_pooled = np.stack([t.numpy().mean(axis=0) for t in tokens_out])
+    assert np.max(_cosines(out, mean_pooled)) < 0.99, "CLS pooling must differ from mean pooling of the same model"
 
 
-def test_each_model_gets_its_own_cache_folder_and_exports_once(model_path: str, cls_model_path: Path,
-                                                               cache_dir: Path) -> None:
+def test_each_model_gets_its_own_cache_folder_and_exports_once(model_path: str, tiny: str, cache_dir: Path) -> None:
     first = export_cache.model_cache_dir(model_path, cache_dir)
-    assert first != export_cache.model_cache_dir(str(cls_model_path), cache_dir)
+    assert first != export_cache.model_cache_dir(tiny, cache_dir)
     for part in ("onnx/model.onnx", "onnx/tokenizer.json", "onnx/meta.json", "openvino/model.xml", "openvino/model.bin"):
         assert (first / part).is_file(), part
     stamp = (first / "onnx" / "model.onnx").stat().st_mtime_ns
@@ -270,15 +262,14 @@ def _modes(root: Path) -> dict[str, int]:
     return {str(p.relative_to(root)): stat.S_IMODE(p.stat().st_mode) for p in [root, *root.rglob("*")]}
 
 
-def test_a_cache_prebuilt_by_root_under_a_strict_umask_serves_another_user(model_path: str, cache_dir: Path,
-                                                                           texts: list[str],
-                                                                           reference: np.ndarray) -> None:
+def test_a_cache_prebuilt_by_root_under_a_strict_umask_serves_another_user(tiny: str, texts: list[str],
+                                                                           tiny_reference: np.ndarray) -> None:
     """The image's bug: the build (root) wrote the cache 0700, the server (uid 10001) could not read it."""
     with tempfile.TemporaryDirectory() as scratch:
         top = Path(scratch)
         top.chmod(0o755)
         cache, home, tmp = top / "cache", top / "home", top / "tmp"
-        result = subprocess.run([sys.executable, "-m", "embedding_server.engine.export_cache", "--prebuild", "--model-path", model_path,
+        result = subprocess.run([sys.executable, "-m", "embedding_server.engine.export_cache", "--prebuild", "--model-path", tiny,
                                  "--cache-dir", str(cache)], capture_output=True, text=True, timeout=900,
                                 env={**os.environ, "HF_HUB_OFFLINE": "1"}, umask=0o077)
         assert result.returncode == 0, result.stderr[-2000:]
@@ -291,7 +282,7 @@ def test_a_cache_prebuilt_by_root_under_a_strict_umask_serves_another_user(model
         for folder in (home, tmp):
             folder.mkdir()
         result = subprocess.run([*NO_FILE_OVERRIDES, sys.executable, "-c", LOAD_AS_ANOTHER_USER,
-                                 model_path, str(cache), json.dumps(texts[:4])],
+                                 tiny, str(cache), json.dumps(texts[:4])],
                                 capture_output=True, text=True, timeout=600,
                                 env={"PATH": os.environ.get("PATH", ""), "HOME": str(home), "TMPDIR": str(tmp),
                                      "HF_HUB_OFFLINE": "1"})
@@ -299,7 +290,7 @@ def test_a_cache_prebuilt_by_root_under_a_strict_umask_serves_another_user(model
         found = json.loads(result.stdout.splitlines()[-1])
         assert {name: found[name][0] for name in found} == {"openvino": "openvino-fp32", "onnx": "onnx-fp32"}
         for name, (_, vectors) in found.items():
-            assert np.min(_cosines(np.array(vectors), reference[:4])) >= MIN_COSINE["fp32"], name
+            assert np.min(_cosines(np.array(vectors), tiny_reference[:4])) >= MIN_COSINE["fp32"], name
         assert "unusable" not in result.stderr and not list(tmp.glob("embedding-server*")), "it should read the cache"
 
 
@@ -323,20 +314,21 @@ def _drop_tokenizer(folder: Path) -> None:
 
 @pytest.mark.parametrize("damage", [_break_meta, _break_graph, _drop_tokenizer],
                          ids=["bad-meta", "bad-graph", "missing-file"])
-def test_a_broken_cache_is_rebuilt_privately_with_one_warning(damage, model_path: str, cache_dir: Path,
+def test_a_broken_cache_is_rebuilt_privately_with_one_warning(damage, tiny: str, cache_dir: Path,
                                                               private_root: Path, texts: list[str],
-                                                              reference: np.ndarray, tmp_path: Path,
+                                                              tiny_reference: np.ndarray, tmp_path: Path,
                                                               monkeypatch: pytest.MonkeyPatch,
                                                               caplog: pytest.LogCaptureFixture) -> None:
-    fingerprint = export_cache.model_cache_dir(model_path, cache_dir).name
+    export_cache.ensure("openvino", tiny, cache_dir)  # a whole export to break (already there after the tests above)
+    fingerprint = export_cache.model_cache_dir(tiny, cache_dir).name
     copy = tmp_path / "cache"
     shutil.copytree(cache_dir / fingerprint / "openvino", copy / fingerprint / "openvino")
     damage(copy / fingerprint / "openvino")
     monkeypatch.setattr(export_cache, "user_cache_root", lambda: private_root)
     with caplog.at_level(logging.WARNING, logger=export_cache.logger.name):
-        backend = backends.create_backend(model_path, "openvino", "fp32", cache_dir=copy)
+        backend = backends.create_backend(tiny, "openvino", "fp32", cache_dir=copy)
     assert backend.name == "openvino-fp32"
-    assert np.min(_cosines(_embed_all(backend, texts[:8]), reference[:8])) >= MIN_COSINE["fp32"]
+    assert np.min(_cosines(_embed_all(backend, texts[:8]), tiny_reference[:8])) >= MIN_COSINE["fp32"]
     warnings = [r.getMessage() for r in caplog.records if r.name == export_cache.logger.name and r.levelno >= logging.WARNING]
     assert len(warnings) == 1 and "unusable" in warnings[0] and str(private_root) in warnings[0], warnings
     assert (private_root / fingerprint / "openvino" / "model.xml").is_file()

@@ -92,7 +92,7 @@ REFUSED = {
 def test_the_bundled_model_and_the_variants_are_accepted_as_they_are(model_path, variant_model):
     assert check_model_dir(model_path) == check_model_dir(model_path, trust_remote_code=True)
     assert not check_model_dir(model_path).has_code
-    for kind in ("cls", "dense128"):
+    for kind in ("cls", "dense128", "tiny"):
         assert not check_model_dir(str(variant_model(kind))).has_code
 
 
