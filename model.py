@@ -191,6 +191,16 @@ def load_or_exit(model: EmbeddingModel) -> None:
                  f"{type(exc).__name__}: {reason}")
 
 
+def exit_now(code: int = 0) -> None:
+    """End the process once the server has drained: logs and output flushed, then out without the interpreter's
+    teardown, which spends 1.5-2 s of a stop's grace period freeing torch, transformers and KServe object by object
+    (measured on 2 cores). Entry points only (`__main__`): code that called main() keeps its process."""
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(code)
+
+
 @dataclass
 class StartUp:
     settings: Settings
@@ -241,3 +251,4 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+    exit_now()

@@ -52,7 +52,7 @@ from embedding_server.operations.settings import (
     Settings,
     read_number,
 )
-from model import EmbeddingModel, build_parser, cache_namespace, configuration_errors, start_up
+from model import EmbeddingModel, build_parser, cache_namespace, configuration_errors, exit_now, start_up
 
 logger = logging.getLogger(__name__)
 
@@ -366,3 +366,4 @@ if __name__ == "__main__":
     import ray_serve
 
     ray_serve.main()
+    exit_now()  # Serve and Ray have shut down in main()
