@@ -468,7 +468,7 @@ def test_a_client_that_leaves_does_not_leave_its_work_behind(caplog):
     running = InProcessServer(backend_factory=slow_hash_backend(SECONDS_PER_TOKEN),
                               env={"MAX_BATCH_TOKENS": "2048", "EMBEDDING_CACHE_MB": "0"})
     try:
-        big = {"instances": [f"{i} " + "lorem ipsum dolor sit amet " * 40 for i in range(400)]}
+        big = {"instances": [f"{i} " + "lorem ipsum dolor sit amet " * 40 for i in range(160)]}  # ~3 s of batches
         started = time.monotonic()
         full = requests.post(running.url + V1, json=big, headers=running.headers(), timeout=300)
         full_seconds = time.monotonic() - started
@@ -555,6 +555,7 @@ def test_sigterm_drains_http_and_grpc_then_exits_0_within_the_grace_period(tmp_p
     # Every request is answered within a second of SIGTERM, so the drain ends then, not at its deadline: no
     # connection is left open (a client's kept-alive one, accepted as the shutdown began) until uvicorn gives up.
     assert "timeout graceful shutdown exceeded" not in running.log()
+    assert "Drained and unloaded" in running.log(), "the last log line is written before the process ends"
     served = {"http": {"200", "429"}, "grpc": {"OK", "RESOURCE_EXHAUSTED"}}
     for protocol, started, _ended, outcome in calls:
         if started < stop_at[0] - 1:  # sent well before SIGTERM: accepted, so it is answered
