@@ -199,6 +199,24 @@ def shared_cache_dir(tmp_path_factory) -> Iterator[Path]:
 
 
 @pytest.fixture(scope="session")
+def cache_dir(shared_cache_dir: Path, model_path: str) -> Path:
+    """The run's one export cache, filled with the bundled model's ONNX and OpenVINO exports by the same command a
+    Docker build runs, so that the tests prove the prebuilt cache is what loads. Parallel workers take turns (a
+    lock file beside the cache folder): the first exports, the others find the export there."""
+    import fcntl
+
+    with open(shared_cache_dir.with_name(shared_cache_dir.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        result = subprocess.run(
+            [sys.executable, "-m", "embedding_server.engine.export_cache", "--prebuild", "--model-path", model_path,
+             "--cache-dir", str(shared_cache_dir)],
+            capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        )
+    assert result.returncode == 0, result.stderr[-2000:]
+    return shared_cache_dir
+
+
+@pytest.fixture(scope="session")
 def server(tmp_path_factory) -> Iterator[RunningServer]:
     """The exact path: torch fp32, so that every route can be held to cosine >= 0.99999."""
     running = start_server(tmp_path_factory.mktemp("server"), env={"BACKEND": "torch", "PRECISION": "fp32"})

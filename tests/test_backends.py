@@ -52,19 +52,6 @@ def _embed_all(backend: backends.Backend, texts: list[str]) -> np.ndarray:
 
 
 @pytest.fixture(scope="session")
-def cache_dir(shared_cache_dir: Path, model_path: str) -> Path:
-    """The run's one export cache (conftest), filled by the same command a Docker build runs (a no-op when a server
-    of this run exported already), so the tests prove the prebuilt cache is what loads."""
-    folder = shared_cache_dir
-    result = subprocess.run(
-        [sys.executable, "-m", "embedding_server.engine.export_cache", "--prebuild", "--model-path", model_path, "--cache-dir", str(folder)],
-        capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"},
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
-    return folder
-
-
-@pytest.fixture(scope="session")
 def texts() -> list[str]:
     return corpus.load_texts(TEXT_COUNT)
 
