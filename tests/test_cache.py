@@ -1,5 +1,6 @@
 """The embedding cache: its byte bound and order, namespaces, bit-exact hits and one computation per text in
-flight, with the real backend; then the real server on every protocol, its metrics and its cost headers."""
+flight, with the real backend; then the server on every protocol, its metrics and its cost headers (the production
+wiring in-process over the real model, conftest.InProcessServer)."""
 from __future__ import annotations
 
 import asyncio
@@ -12,7 +13,8 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import MODEL_NAME, TEST_KEY, RecordingBackend, cosines, grpc_infer, start_server
+from conftest import MODEL_NAME, TEST_KEY, InProcessServer, RecordingBackend, cosines, grpc_infer
+from embedding_server.engine.backends import create_backend
 from embedding_server.engine.batcher import Batcher
 from embedding_server.engine.cache import (
     ENTRY_OVERHEAD_BYTES,
@@ -235,16 +237,20 @@ def test_with_no_cache_every_text_goes_to_the_model(backend):
     assert (first.computed, second.computed) == (2, 1) and len(recording.rows) == 3
 
 
-# --- the real server -----------------------------------------------------------------------------------------------
+# --- the server -----------------------------------------------------------------------------------------------
 
 KEY_A, KEY_B = "cache-key-alice", "cache-key-bob"
 V1 = f"/v1/models/{MODEL_NAME}:predict"
 
 
+def real_server(env: dict[str, str], key: str | None = TEST_KEY) -> InProcessServer:
+    """The production wiring in-process over the real model on the exact path (torch fp32)."""
+    return InProcessServer(env={"BACKEND": "torch", "PRECISION": "fp32", **env}, key=key, backend_factory=create_backend)
+
+
 @pytest.fixture(scope="module")
-def two_keys(tmp_path_factory):
-    running = start_server(tmp_path_factory.mktemp("cache"), env={
-        "BACKEND": "torch", "PRECISION": "fp32", "API_KEYS": f"{KEY_A},{KEY_B}", "EMBEDDING_CACHE_MB": "8"})
+def two_keys():
+    running = real_server({"API_KEYS": f"{KEY_A},{KEY_B}", "EMBEDDING_CACHE_MB": "8"}, key=None)
     yield running
     running.stop()
 
@@ -335,14 +341,17 @@ def test_a_request_with_some_cached_texts_computes_only_the_others(two_keys, ref
     assert cosines(response.json()["predictions"], reference(texts)).min() >= 0.99999
 
 
-def test_cache_off_computes_every_text(tmp_path, reference):
-    running = start_server(tmp_path, env={"BACKEND": "torch", "PRECISION": "fp32", "EMBEDDING_CACHE_MB": "0"})
+def test_cache_off_computes_every_text(reference):
+    running = real_server({"EMBEDDING_CACHE_MB": "0"})
     try:
         text = "the same text, twice"
+        before = cache_counts(running.url)
         answers = [embed(running.url, "v1", text, TEST_KEY) for _ in range(2)]
-        counts = cache_counts(running.url)
+        after = cache_counts(running.url)
     finally:
         running.stop()
     assert [r.headers["x-computed-texts"] for _, r in answers] == ["1", "1"]
-    assert counts.get("embedding_cache_hits_total", 0) == 0 and counts.get("embedding_cache_bytes", 0) == 0
+    # The series are the process's (in-process, the module's other server has filled them): nothing moved.
+    for name in ("embedding_cache_hits_total", "embedding_cache_misses_total", "embedding_cache_bytes"):
+        assert after.get(name, 0) == before.get(name, 0), name
     assert cosines([answers[1][0]], reference([text]))[0] >= 0.99999
