@@ -208,7 +208,7 @@ def test_a_request_is_answered_when_its_own_rows_are_done(backend):
     """A short request queued before a large one is answered before the large one's rows are all done."""
     gated = RecordingBackend(backend, held=True)
     small = ["short one", "short two"]
-    large = [f"{i} " + "a longer text about the weather and markets " * 6 for i in range(100)]  # 5 batches
+    large = [f"{i} " + "a longer text about the weather and markets " * 6 for i in range(400)]
     answered_after: dict[str, int] = {}
 
     async def run():
@@ -234,7 +234,7 @@ def test_a_request_is_answered_when_its_own_rows_are_done(backend):
             batcher.close()
 
     results = asyncio.run(run())
-    assert [r.embeddings.shape[0] for r in results] == [1, 2, 100]
+    assert [r.embeddings.shape[0] for r in results] == [1, 2, 400]
     assert answered_after["small"] < answered_after["large"], answered_after
 
 
