@@ -217,9 +217,12 @@ def cache_dir(shared_cache_dir: Path, model_path: str) -> Path:
 
 
 @pytest.fixture(scope="session")
-def server(tmp_path_factory) -> Iterator[RunningServer]:
-    """The exact path: torch fp32, so that every route can be held to cosine >= 0.99999."""
-    running = start_server(tmp_path_factory.mktemp("server"), env={"BACKEND": "torch", "PRECISION": "fp32"})
+def server(tmp_path_factory, cache_dir) -> Iterator[RunningServer]:
+    """The real server on fp32, so that every route can be held to cosine >= 0.99999 with sentence-transformers:
+    OpenVINO, the default runtime, from the run's export cache (it passes the same gate as torch fp32 in
+    test_backends, and starts without importing torch)."""
+    running = start_server(tmp_path_factory.mktemp("server"), env={"BACKEND": "openvino", "PRECISION": "fp32",
+                                                                    "CACHE_DIR": str(cache_dir)})
     yield running
     running.stop()
 

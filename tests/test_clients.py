@@ -1,6 +1,6 @@
 """The stock V2 clients KServe and Triton users already have, in their default modes, against the real server.
 
-Each answer is held to sentence-transformers' own vectors (cosine >= 0.99999, torch fp32), sent with the key the
+Each answer is held to sentence-transformers' own vectors (cosine >= 0.99999, the fp32 server), sent with the key the
 way each client passes headers or metadata, and refused without it.
 
 tritonclient.grpc and kserve cannot be imported in one process: both register the protobuf package `inference`

@@ -27,7 +27,7 @@ from conftest import MODEL_NAME, ROOT, TEST_KEY, cosines, free_port, hash_vector
 EXACT = 0.99999
 CLIENT = [sys.executable, str(ROOT / "embed_client.py")]
 N_LINES = int(os.environ.get("EMBED_CLIENT_TEST_LINES", "2000"))
-# Lines sent through the real model (the torch fp32 server) and sentence-transformers: four batches of 40 with
+# Lines sent through the real model (the fp32 server) and sentence-transformers: four batches of 40 with
 # every edge text (the file-format and resume tests send all N_LINES to the hash-backend server).
 REAL_MODEL_LINES = 160
 LONG_TEXT = " ".join(["Batches of texts travel to the server and come back as vectors."] * 50)  # > 256 tokens

@@ -377,9 +377,10 @@ def test_health_and_key_info_bodies(server):
 
 
 @pytest.fixture(scope="module")
-def started_bare(tmp_path_factory):
+def started_bare(tmp_path_factory, cache_dir):
     """One start for the start-up tests below: no API_KEY (the key is generated), SHOW_API_KEY_INFO, MODEL_NAME,
-    and the port given as KServe's --http_port flag while PORT names another."""
+    and the port given as KServe's --http_port flag while PORT names another (the default backend, from the run's
+    export cache)."""
     running = start_server(tmp_path_factory.mktemp("bare"), env={"SHOW_API_KEY_INFO": "true", "MODEL_NAME": "minilm"},
                            key=None, port_flag=True)
     log = running.log()
