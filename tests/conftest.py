@@ -165,9 +165,8 @@ def start_server(tmp_dir: Path, env: dict[str, str] | None = None, args: list[st
 # Ray), longest first. Under parallel workers they are handed out first (.ci/run keeps the collection's order), so
 # that no long file starts last while the other worker has nothing left to do. Without workers the order is as
 # collected.
-LONGEST_FILES = ("test_image.py", "test_backends.py", "test_ray_serve.py", "test_embed_client.py", "test_limits.py",
-                 "test_model_dir.py", "test_servingruntime.py", "test_fuzz.py", "test_model.py", "test_deploy.py",
-                 "test_connection_guard.py", "test_batcher.py")
+LONGEST_FILES = ("test_image.py", "test_backends.py", "test_embed_client.py", "test_limits.py", "test_ray_serve.py",
+                 "test_model.py", "test_servingruntime.py", "test_cache.py", "test_model_dir.py")
 
 
 def pytest_collection_modifyitems(config, items) -> None:
