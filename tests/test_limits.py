@@ -488,13 +488,12 @@ SHUTDOWN_GRACE = 25  # GRACE_PERIOD of the server under SIGTERM (the default)
 SHUTDOWN_QUEUE_BOUND = 5  # MAX_QUEUE_SECONDS there: the work in flight at SIGTERM fits in the drain, however slow
 
 
-def test_sigterm_drains_http_and_grpc_then_exits_0_within_the_grace_period(tmp_path, cache_dir):
+def test_sigterm_drains_http_and_grpc_then_exits_0_within_the_grace_period(tmp_path, openvino_fp32):
     import grpc
     from kserve.protocol.grpc import grpc_predict_v2_pb2_grpc as pb_grpc
 
     # Any backend does for draining; OpenVINO starts fastest (from the run's export cache).
-    running = start_server(tmp_path, env={"BACKEND": "openvino", "PRECISION": "fp32", "CACHE_DIR": str(cache_dir),
-                                          "GRACE_PERIOD": str(SHUTDOWN_GRACE),
+    running = start_server(tmp_path, env={**openvino_fp32, "GRACE_PERIOD": str(SHUTDOWN_GRACE),
                                           "MAX_QUEUE_SECONDS": str(SHUTDOWN_QUEUE_BOUND)})
     for _ in range(3):  # a measured rate, so that this load is admitted
         requests.post(running.url + V1, json={"instances": overload_texts(0)[:16]}, headers=running.headers(),

@@ -372,9 +372,8 @@ def test_metrics_add_up_after_known_traffic(server):
     assert '"POST /embedding' not in log  # uvicorn's own access line is off
 
 
-def test_json_logs_from_the_real_server(tmp_path, cache_dir):
-    running = start_server(tmp_path, env={"LOG_FORMAT": "json", "BACKEND": "openvino", "PRECISION": "fp32",
-                                          "CACHE_DIR": str(cache_dir), "LOG_LEVEL": "INFO"})
+def test_json_logs_from_the_real_server(tmp_path, openvino_fp32):
+    running = start_server(tmp_path, env={**openvino_fp32, "LOG_FORMAT": "json", "LOG_LEVEL": "INFO"})
     try:
         response = requests.post(f"{running.url}/embedding", json={"a": "hello"}, timeout=60,
                                  headers={"X-Api-Key": running.key, "X-Request-Id": "json-line-1"})

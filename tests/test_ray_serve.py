@@ -41,13 +41,13 @@ MANIFEST = ROOT / "k8s" / "rayservice.yaml"
 
 
 @pytest.fixture(scope="module")
-def ray_server(tmp_path_factory, cache_dir):
-    """OpenVINO fp32 from the run's export cache (conftest.cache_dir): as exact as torch fp32 (test_backends), and
-    a replica, first or replacement, loads it in a tenth of torch's time."""
+def ray_server(tmp_path_factory, openvino_fp32):
+    """Replicas on OpenVINO fp32 (conftest.openvino_fp32): a replica, first or replacement, loads in a tenth of
+    torch's time."""
     running = start_server(
         tmp_path_factory.mktemp("ray"),
         command=[sys.executable, "ray_serve.py"],
-        env={"BACKEND": "openvino", "PRECISION": "fp32", "CACHE_DIR": str(cache_dir), "RAY_NUM_CPUS": "2", "RAY_REPLICA_CPUS": "0.5",
+        env={**openvino_fp32, "RAY_NUM_CPUS": "2", "RAY_REPLICA_CPUS": "0.5",
              "RAY_MIN_REPLICAS": str(REPLICAS), "RAY_MAX_REPLICAS": str(REPLICAS), "RAY_REQUEST_TIMEOUT": "30",
              "API_KEYS": OTHER_KEY},
     )
