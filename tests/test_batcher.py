@@ -4,8 +4,10 @@ from __future__ import annotations
 import asyncio
 import threading
 
+import numpy as np
 import pytest
 
+import embedding_server.engine.batcher as batcher_module
 from conftest import RecordingBackend, cosines
 from embedding_server.engine.batcher import Batcher, Throughput, plan_batches
 from embedding_server.engine.runtimes import TorchBackend
@@ -301,6 +303,56 @@ def test_a_lone_request_that_leaves_mid_batch_holds_back_the_next_batch(backend,
     assert cancelled and not started_early and most[0] == 1
     assert cosines(result.embeddings, reference(["the next text"])).min() >= 0.99999
     assert queued == 0
+
+
+class Where(RecordingBackend):
+    """Records the name of the thread each batch ran on (`threads`)."""
+
+    def __init__(self, backend):
+        super().__init__(backend)
+        self.threads: list[str] = []
+
+    def embed(self, batch):
+        self.threads.append(threading.current_thread().name)
+        return super().embed(batch)
+
+
+def run_lone_then_together(recording: Where, lone: int, together: int) -> tuple[str, list]:
+    """`lone` one-text requests one after the other, then `together` at once; returns the event loop's thread."""
+    async def run():
+        batcher = Batcher(recording, max_batch_tokens=1024, max_queue_seconds=3600)
+        try:
+            results = [await batcher.embed([f"alone number {i}"]) for i in range(lone)]
+            results += await asyncio.gather(*(batcher.embed([f"together number {i}"]) for i in range(together)))
+            return threading.current_thread().name, results
+        finally:
+            batcher.close()
+
+    return asyncio.run(run())
+
+
+def test_a_short_lone_request_runs_on_the_event_loop_and_a_burst_is_batched_on_the_thread(backend, reference,
+                                                                                         monkeypatch):
+    """Once a lone call has been measured, a lone request whose call should be short runs on the event loop's
+    thread (no hop to the infer thread and back). Requests that arrive together are batched on the infer thread:
+    the first, which found the batcher idle, sees the others queue during its one turn of the loop."""
+    monkeypatch.setattr(batcher_module, "INLINE_MAX_SECONDS", 3600)  # "short" whatever this machine's speed
+    recording = Where(backend)
+    loop_thread, results = run_lone_then_together(recording, lone=3, together=4)
+    assert recording.threads[0].startswith("infer")  # nothing measured yet
+    assert recording.threads[1:3] == [loop_thread, loop_thread]
+    assert all(name.startswith("infer") for name in recording.threads[3:])
+    assert [len(batch) for batch in recording.batches[3:]] == [1, 3]
+    texts = [f"alone number {i}" for i in range(3)] + [f"together number {i}" for i in range(4)]
+    vectors = np.concatenate([result.embeddings for result in results])
+    assert cosines(vectors, reference(texts)).min() >= 0.99999
+
+
+def test_a_lone_request_whose_call_would_be_long_stays_on_the_infer_thread(backend, monkeypatch):
+    monkeypatch.setattr(batcher_module, "INLINE_MAX_SECONDS", 0.0)
+    recording = Where(backend)
+    loop_thread, _ = run_lone_then_together(recording, lone=3, together=0)
+    assert len(recording.threads) == 3 and loop_thread not in recording.threads
 
 
 def test_throughput_moves_towards_what_is_measured():

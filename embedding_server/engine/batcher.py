@@ -8,7 +8,10 @@ answered as soon as its own rows are done, and it waits only for the texts that 
 before it: admission can therefore bound the wait of every request it accepts, from the
 work already admitted and the throughput measured so far. A request that finds nothing queued and
 nothing running is a round of its own, run by its own task: a lone text (the latency case) does not wait
-for the worker to wake up and hand its answer back.
+for the worker to wake up and hand its answer back. When that round is short (a few milliseconds at the
+measured rate) and no other request came in with it, the model runs on the event loop's own thread: the hop
+to the infer thread and back, and the event loop waking from its wait, cost more than the call itself saves
+on a small CPU (bench/README.md, "Where a one-text request's time goes").
 """
 from __future__ import annotations
 
@@ -91,6 +94,11 @@ INLINE_TOKENIZE_CHARS = 2048  # smaller requests are tokenized on the event loop
 INLINE_PLAN_TEXTS = 256  # larger rounds are planned off the event loop (the plan is O(texts x rows))
 # A model call costs about as much as this many tokens more (OpenVINO bf16, 2 cores: 1.35 ms + 0.07 ms a token).
 CALL_OVERHEAD_TOKENS = 20
+# A lone request runs on the event loop's thread when its call should take at most this long, at the rate lone
+# requests were computed lately: the longest the loop may stop serving other connections for one (they would wait
+# for the model anyway). The rate is over lone calls only, as they pay the per-call overhead that batches spread.
+INLINE_MAX_SECONDS = 0.01
+LONE_RATE_HORIZON_SECONDS = 0.02  # a 3 ms call moves the lone-call rate 14% of the way to its own
 # A round holds at most this many micro-batches' worth of tokens: enough rows to sort by length, few enough
 # that the oldest requests are answered after a few batches rather than after everything queued...
 ROUND_BATCHES = 4
@@ -211,6 +219,7 @@ class Batcher:
         self.max_queued_texts = max_queued_texts
         self.max_queue_seconds = max_queue_seconds
         self.throughput = throughput or Throughput()
+        self.lone_calls = Throughput(horizon=LONE_RATE_HORIZON_SECONDS)  # (tokens + call overhead) per second
         self._pending: deque[tuple[_Request, int]] = deque()  # rows in arrival order
         self._texts = 0  # texts admitted (or being tokenized) and not yet computed, the running round's included
         self._tokens = 0  # tokens admitted and not yet computed, the running round's included
@@ -319,8 +328,18 @@ class Batcher:
 
     async def _run_alone(self, loop: asyncio.AbstractEventLoop, request: _Request) -> None:
         self._in_round = True
+        cost = request.pending_tokens + CALL_OVERHEAD_TOKENS
         try:
-            await self._run_round(loop, [(request, i) for i in range(len(request.tokenized))])
+            inline = self.lone_calls.measured and self.lone_calls.seconds_for(cost) <= INLINE_MAX_SECONDS
+            if inline:
+                # One turn of the event loop: requests that arrived together with this one (a burst after the
+                # loop was busy) reach the queue meanwhile, and then this one runs on a thread as before, so that
+                # they are batched rather than run one by one on the loop.
+                await asyncio.sleep(0)
+                inline = not self._pending
+            started = time.perf_counter()
+            await self._run_round(loop, [(request, i) for i in range(len(request.tokenized))], inline=inline)
+            self.lone_calls.observe(cost, time.perf_counter() - started)
         finally:
             self._in_round = False
             self._wake_if_pending()
@@ -384,7 +403,8 @@ class Batcher:
                 finally:
                     self._in_round = False
 
-    async def _run_round(self, loop: asyncio.AbstractEventLoop, round_: list[tuple[_Request, int]]) -> None:
+    async def _run_round(self, loop: asyncio.AbstractEventLoop, round_: list[tuple[_Request, int]],
+                         inline: bool = False) -> None:
         started = time.perf_counter()
         lengths = [len(req.tokenized[i].ids) for req, i in round_]
         plan = functools.partial(plan_batches, lengths, self.max_batch_tokens, shapes=self.backend.shapes)
@@ -392,7 +412,7 @@ class Batcher:
             batches = plan()
         else:
             batches = await loop.run_in_executor(self._tokenize_pool, plan)
-        if self.streams > 1 and len(batches) > 1 and self._tokens >= self.streams_queue_tokens:
+        if not inline and self.streams > 1 and len(batches) > 1 and self._tokens >= self.streams_queue_tokens:
             # A deep queue: several batches at once, each on its stream's share of the cores.
             gate = asyncio.Semaphore(self.streams)
 
@@ -404,28 +424,32 @@ class Batcher:
         else:
             computed = 0
             for batch in batches:
-                computed += await self._run_planned(loop, round_, batch)
+                computed += await self._run_planned(loop, round_, batch, inline=inline)
         # Wall time of the whole round, planning and the event loop's share of the cores included: the rate
         # that admission divides by is the rate at which admitted work really drains.
         self.throughput.observe(computed, time.perf_counter() - started)
 
     async def _run_planned(self, loop: asyncio.AbstractEventLoop, round_: list[tuple[_Request, int]],
-                           batch: list[int], parallel: bool = False) -> int:
+                           batch: list[int], parallel: bool = False, inline: bool = False) -> int:
         """The rows of ``batch`` (indices into the round) whose requests still wait, run as one micro-batch."""
         items = [round_[k] for k in batch if not round_[k][0].future.done()]
-        return await self._run_batch(loop, items, parallel) if items else 0
+        return await self._run_batch(loop, items, parallel, inline) if items else 0
 
     async def _run_batch(self, loop: asyncio.AbstractEventLoop, items: list[tuple[_Request, int]],
-                         parallel: bool = False) -> int:
-        """Runs one micro-batch and answers every request whose last row it held; returns the tokens computed."""
+                         parallel: bool = False, inline: bool = False) -> int:
+        """Runs one micro-batch (on an infer thread, or on this thread when ``inline``) and answers every request
+        whose last row it held; returns the tokens computed."""
         started = time.perf_counter()
         for req, _ in items:
             if req.started is None:
                 req.started = started
         ids = [req.tokenized[i].ids for req, i in items]
         try:
-            embed = functools.partial(self.backend.embed, parallel=True) if parallel else self.backend.embed
-            vectors = await self._infer.run(embed, ids)
+            if inline:
+                vectors = self.backend.embed(ids)
+            else:
+                embed = functools.partial(self.backend.embed, parallel=True) if parallel else self.backend.embed
+                vectors = await self._infer.run(embed, ids)
         except Exception as exc:  # a backend failure fails the requests in this batch, not the worker
             logger.exception("inference failed for a batch of %d texts", len(items))
             for req, _ in items:
