@@ -90,15 +90,21 @@ def load_backend():
                           os.environ.get("PRECISION", "auto").strip().lower() or "auto")
 
 
-def timed_embed(backend, ids) -> float:
+def timed_embed(backend, ids, gap: float = 0.0) -> float:
+    """One model call, timed; after ``gap`` seconds of busy waiting on this thread, when given."""
+    if gap:
+        until = time.perf_counter() + gap
+        while time.perf_counter() < until:  # the thread stays busy, as a server's Python work between calls
+            pass
     started = time.perf_counter()
     backend.embed([ids])
     return time.perf_counter() - started
 
 
 def timers(backend, model_thread: ThreadPoolExecutor, clients: dict[str, Client],
-           text: str) -> dict[str, Callable[[], float]]:
-    """One timed call of each kind for one text: "alone", then "<server> <route>" for every server."""
+           text: str, gap: float = 0.0) -> dict[str, Callable[[], float]]:
+    """One timed call of each kind for one text: "alone" (and "gapped alone" with a ``gap``), then
+    "<server> <route>" for every server."""
     ids = backend.tokenize([text])[0].ids
     bodies = {"v1": json.dumps({"instances": [text]}).encode(), "legacy": json.dumps({"t0": text}).encode()}
     paths = {"v1": f"/v1/models/{MODEL_NAME}:predict", "legacy": "/embedding", "health": "/health"}
@@ -107,6 +113,8 @@ def timers(backend, model_thread: ThreadPoolExecutor, clients: dict[str, Client]
         return model_thread.submit(timed_embed, backend, ids).result()
 
     calls: dict[str, Callable[[], float]] = {"alone": alone}
+    if gap:
+        calls["gapped alone"] = lambda: model_thread.submit(timed_embed, backend, ids, gap).result()
     for label, client in clients.items():
         for route in ROUTES:
             method = "GET" if route == "health" else "POST"
@@ -143,6 +151,10 @@ def main() -> None:
     parser.add_argument("--texts-per-request", type=int, default=8)
     parser.add_argument("--ours-cmd", help="start our server with this command instead of 'python model.py'")
     parser.add_argument("--baseline-cmd", help="also start this server command and measure it the same way")
+    parser.add_argument("--alone-gap-ms", type=float, default=0.0,
+                        help="also time the model alone after this many ms of busy waiting before each call, as "
+                             "when a client's requests come one after the other (reported apart; the target's "
+                             "ratio stays to the model alone back to back)")
     parser.add_argument("--nice", type=int, default=0,
                         help="run this script and the servers at this niceness (as run.py's --nice: e.g. -10 as root)")
     args = parser.parse_args()
@@ -174,7 +186,8 @@ def main() -> None:
         # The model alone runs on a thread of its own that does nothing else, like the server's infer thread: on a
         # busy machine, the model ran slower on this thread, which also runs the HTTP client.
         model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model-alone")
-        calls = [timers(backend, model_thread, clients, text) for text in texts[:args.requests]]
+        calls = [timers(backend, model_thread, clients, text, args.alone_gap_ms / 1000)
+                 for text in texts[:args.requests]]
         for call in calls:  # warm-up: every shape the texts need, in the servers and here
             for timed in call.values():
                 timed()
@@ -222,6 +235,8 @@ def summarize(results: dict, args: argparse.Namespace) -> None:
             verdict = "MET" if ratio[kind] <= TARGET_RATIO else "MISSED"
             print(f"  {kind:<40} {value:7.2f} ms  {ratio[kind]:.2f}x the model alone "
                   f"(target <= {TARGET_RATIO}x: {verdict})")
+        elif kind.endswith("alone"):
+            print(f"  {'model alone after ' + format(args.alone_gap_ms, 'g') + ' ms busy':<40} {value:7.2f} ms")
         else:
             print(f"  {kind:<40} {value:7.2f} ms  (HTTP stack, no model)")
     if "throughput" in rounds[0]:
