@@ -8,10 +8,10 @@ answered as soon as its own rows are done, and it waits only for the texts that 
 before it: admission can therefore bound the wait of every request it accepts, from the
 work already admitted and the throughput measured so far. A request that finds nothing queued and
 nothing running is a round of its own, run by its own task: a lone text (the latency case) does not wait
-for the worker to wake up and hand its answer back. When that round is short (a few milliseconds at the
-measured rate) and no other request came in with it, the model runs on the event loop's own thread: the hop
-to the infer thread and back, and the event loop waking from its wait, cost more than the call itself saves
-on a small CPU (bench/README.md, "Where a one-text request's time goes").
+for the worker to wake up and hand its answer back. When that round is short (at most INLINE_MAX_SECONDS at
+the rate lone calls ran lately) and no other request came in with it, the model runs on the event loop's own
+thread: no hop to the infer thread and back, no wake-up of the loop, and the loop is held for one short call
+at most (bench/README.md, "Where a one-text request's time goes").
 """
 from __future__ import annotations
 
