@@ -109,12 +109,12 @@ def timers(backend, model_thread: ThreadPoolExecutor, clients: dict[str, Client]
     bodies = {"v1": json.dumps({"instances": [text]}).encode(), "legacy": json.dumps({"t0": text}).encode()}
     paths = {"v1": f"/v1/models/{MODEL_NAME}:predict", "legacy": "/embedding", "health": "/health"}
 
-    def alone() -> float:  # timed in the thread, as the server's infer thread runs it: the hop is not counted
-        return model_thread.submit(timed_embed, backend, ids).result()
+    def alone(busy: float = 0.0) -> float:  # timed in the thread, as the server's infer thread runs it: no hop
+        return model_thread.submit(timed_embed, backend, ids, busy).result()
 
     calls: dict[str, Callable[[], float]] = {"alone": alone}
     if gap:
-        calls["gapped alone"] = lambda: model_thread.submit(timed_embed, backend, ids, gap).result()
+        calls["gapped alone"] = functools.partial(alone, gap)
     for label, client in clients.items():
         for route in ROUTES:
             method = "GET" if route == "health" else "POST"
