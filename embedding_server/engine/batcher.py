@@ -337,9 +337,8 @@ class Batcher:
                 # they are batched rather than run one by one on the loop.
                 await asyncio.sleep(0)
                 inline = not self._pending
-            started = time.perf_counter()
-            await self._run_round(loop, [(request, i) for i in range(len(request.tokenized))], inline=inline)
-            self.lone_calls.observe(cost, time.perf_counter() - started)
+            seconds = await self._run_round(loop, [(request, i) for i in range(len(request.tokenized))], inline=inline)
+            self.lone_calls.observe(cost, seconds)
         finally:
             self._in_round = False
             self._wake_if_pending()
@@ -404,7 +403,8 @@ class Batcher:
                     self._in_round = False
 
     async def _run_round(self, loop: asyncio.AbstractEventLoop, round_: list[tuple[_Request, int]],
-                         inline: bool = False) -> None:
+                         inline: bool = False) -> float:
+        """Plans and runs the round; returns its wall time."""
         started = time.perf_counter()
         lengths = [len(req.tokenized[i].ids) for req, i in round_]
         plan = functools.partial(plan_batches, lengths, self.max_batch_tokens, shapes=self.backend.shapes)
@@ -427,7 +427,9 @@ class Batcher:
                 computed += await self._run_planned(loop, round_, batch, inline=inline)
         # Wall time of the whole round, planning and the event loop's share of the cores included: the rate
         # that admission divides by is the rate at which admitted work really drains.
-        self.throughput.observe(computed, time.perf_counter() - started)
+        seconds = time.perf_counter() - started
+        self.throughput.observe(computed, seconds)
+        return seconds
 
     async def _run_planned(self, loop: asyncio.AbstractEventLoop, round_: list[tuple[_Request, int]],
                            batch: list[int], parallel: bool = False, inline: bool = False) -> int:
