@@ -7,7 +7,6 @@ import threading
 import numpy as np
 import pytest
 
-import embedding_server.engine.batcher as batcher_module
 from conftest import RecordingBackend, cosines
 from embedding_server.engine.batcher import Batcher, Throughput, plan_batches
 from embedding_server.engine.runtimes import TorchBackend
@@ -317,10 +316,11 @@ class Where(RecordingBackend):
         return super().embed(batch)
 
 
-def run_lone_then_together(recording: Where, lone: int, together: int) -> tuple[str, list]:
+def run_lone_then_together(recording: Where, lone: int, together: int, inline_max_seconds: float) -> tuple[str, list]:
     """`lone` one-text requests one after the other, then `together` at once; returns the event loop's thread."""
     async def run():
-        batcher = Batcher(recording, max_batch_tokens=1024, max_queue_seconds=3600)
+        batcher = Batcher(recording, max_batch_tokens=1024, max_queue_seconds=3600,
+                          inline_max_seconds=inline_max_seconds)
         try:
             results = [await batcher.embed([f"alone number {i}"]) for i in range(lone)]
             results += await asyncio.gather(*(batcher.embed([f"together number {i}"]) for i in range(together)))
@@ -331,14 +331,13 @@ def run_lone_then_together(recording: Where, lone: int, together: int) -> tuple[
     return asyncio.run(run())
 
 
-def test_a_short_lone_request_runs_on_the_event_loop_and_a_burst_is_batched_on_the_thread(backend, reference,
-                                                                                         monkeypatch):
+def test_a_short_lone_request_runs_on_the_event_loop_and_a_burst_is_batched_on_the_thread(backend, reference):
     """Once a lone call has been measured, a lone request whose call should be short runs on the event loop's
     thread (no hop to the infer thread and back). Requests that arrive together are batched on the infer thread:
     the first, which found the batcher idle, sees the others queue during its one turn of the loop."""
-    monkeypatch.setattr(batcher_module, "INLINE_MAX_SECONDS", 3600)  # "short" whatever this machine's speed
     recording = Where(backend)
-    loop_thread, results = run_lone_then_together(recording, lone=3, together=4)
+    # An hour's bound: "short" whatever this machine's speed.
+    loop_thread, results = run_lone_then_together(recording, lone=3, together=4, inline_max_seconds=3600)
     assert recording.threads[0].startswith("infer")  # nothing measured yet
     assert recording.threads[1:3] == [loop_thread, loop_thread]
     assert all(name.startswith("infer") for name in recording.threads[3:])
@@ -348,10 +347,9 @@ def test_a_short_lone_request_runs_on_the_event_loop_and_a_burst_is_batched_on_t
     assert cosines(vectors, reference(texts)).min() >= 0.99999
 
 
-def test_a_lone_request_whose_call_would_be_long_stays_on_the_infer_thread(backend, monkeypatch):
-    monkeypatch.setattr(batcher_module, "INLINE_MAX_SECONDS", 0.0)
+def test_a_lone_request_whose_call_would_be_long_stays_on_the_infer_thread(backend):
     recording = Where(backend)
-    loop_thread, _ = run_lone_then_together(recording, lone=3, together=0)
+    loop_thread, _ = run_lone_then_together(recording, lone=3, together=0, inline_max_seconds=0.0)
     assert len(recording.threads) == 3 and loop_thread not in recording.threads
 
 

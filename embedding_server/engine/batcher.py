@@ -210,15 +210,18 @@ class InferThreads:
 class Batcher:
     def __init__(self, backend: Backend, max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS, max_queued_texts: int = 0,
                  max_queue_seconds: float = Limits.max_queue_seconds, throughput: Throughput | None = None,
-                 streams: int = 1, streams_queue_tokens: int = Streams.queue_tokens):
+                 streams: int = 1, streams_queue_tokens: int = Streams.queue_tokens,
+                 inline_max_seconds: float = INLINE_MAX_SECONDS):
         """``streams``: batches the backend can run at once (its ``streams``), used from ``streams_queue_tokens``
         tokens admitted and not yet computed (0: ``streams`` full batches); below, one batch at a time on every
-        core."""
+        core. ``inline_max_seconds``: the longest a lone call may be expected to take to run on the event loop's
+        thread (0: never)."""
         self.backend = backend
         self.max_batch_tokens = max_batch_tokens
         self.max_queued_texts = max_queued_texts
         self.max_queue_seconds = max_queue_seconds
         self.throughput = throughput or Throughput()
+        self.inline_max_seconds = inline_max_seconds
         self.lone_calls = Throughput(horizon=LONE_RATE_HORIZON_SECONDS)  # (tokens + call overhead) per second
         self._pending: deque[tuple[_Request, int]] = deque()  # rows in arrival order
         self._texts = 0  # texts admitted (or being tokenized) and not yet computed, the running round's included
@@ -330,7 +333,7 @@ class Batcher:
         self._in_round = True
         cost = request.pending_tokens + CALL_OVERHEAD_TOKENS
         try:
-            inline = self.lone_calls.measured and self.lone_calls.seconds_for(cost) <= INLINE_MAX_SECONDS
+            inline = self.lone_calls.measured and self.lone_calls.seconds_for(cost) <= self.inline_max_seconds
             if inline:
                 # One turn of the event loop: requests that arrived together with this one (a burst after the
                 # loop was busy) reach the queue meanwhile, and then this one runs on a thread as before, so that
