@@ -20,10 +20,11 @@ ENV PIP_NO_CACHE_DIR=1 \
     VIRTUAL_ENV=/opt/venv \
     PATH=/opt/venv/bin:$PATH
 RUN python -m venv /opt/venv
-COPY requirements.txt /tmp/requirements.txt
+COPY requirements.txt constraints.txt /tmp/
 # torch first, CPU build only: requirements.txt pins the same version, which this already satisfies, so pip never
 # fetches the PyPI wheel that pulls the CUDA libraries (nvidia-*, triton); from a wheel folder, torch alone (its
-# dependencies come from the index with requirements.txt). No bytecode yet (a third of the size): the build stage
+# dependencies come from the index with requirements.txt). constraints.txt holds every other package at the version
+# the tests ran with. No bytecode yet (a third of the size): the build stage
 # compiles what the server imports. Then drop what the server never loads: C++ headers, static libraries, test
 # suites and binaries, OpenVINO's GPU and NPU plugins and the frontends of formats it never reads.
 RUN if [ -n "$TORCH_FIND_LINKS" ]; then \
@@ -31,7 +32,7 @@ RUN if [ -n "$TORCH_FIND_LINKS" ]; then \
     else \
         pip install --no-cache-dir --no-compile --index-url https://download.pytorch.org/whl/cpu torch==2.13.0; \
     fi \
-    && pip install --no-cache-dir --no-compile -r /tmp/requirements.txt \
+    && pip install --no-cache-dir --no-compile -r /tmp/requirements.txt -c /tmp/constraints.txt \
     && python -c "import sys, torch, importlib.metadata as md; cuda = sorted(d.metadata['Name'] for d in md.distributions() if d.metadata['Name'].lower().startswith(('nvidia-', 'triton'))); sys.exit(f'CUDA packages in a CPU image: {cuda}' if cuda or torch.version.cuda else 0)" \
     && site=/opt/venv/lib/python3.11/site-packages \
     && rm -rf "$site/torch/include" "$site/torch/test" "$site"/torch/bin/test_* "$site"/torch/bin/*Test \
@@ -45,10 +46,10 @@ RUN if [ -n "$TORCH_FIND_LINKS" ]; then \
 # requirements-ray.txt over the same virtualenv; /opt/extras keeps only the files it added, so that the ray
 # target is the default image plus one layer. It fails if it would change a package the default image has.
 FROM deps AS deps-ray
-COPY requirements.txt requirements-ray.txt /tmp/
+COPY requirements.txt requirements-ray.txt constraints.txt /tmp/
 RUN pip freeze --all > /tmp/before.txt \
     && touch /tmp/marker \
-    && pip install --no-cache-dir -r /tmp/requirements-ray.txt \
+    && pip install --no-cache-dir -r /tmp/requirements-ray.txt -c /tmp/constraints.txt \
     && pip freeze --all > /tmp/after.txt \
     && python -c "import sys; old, new = (set(open(f'/tmp/{n}.txt')) for n in ('before', 'after')); sys.exit(f'requirements-ray.txt changed {sorted(old - new)}' if old - new else 0)" \
     && find /opt/venv -depth -type d -name tests -exec rm -rf {} + \

@@ -309,6 +309,50 @@ def requirement_closure(name: str = "requirements.txt") -> set[str]:
     return seen
 
 
+def constraint_pins() -> dict[str, str]:
+    """constraints.txt as canonical name -> pinned version."""
+    from packaging.utils import canonicalize_name
+
+    pins = {}
+    for line in (ROOT / "constraints.txt").read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if line:
+            name, separator, version = line.partition("==")
+            assert separator and version, f"constraints.txt pins exact versions only: {line!r}"
+            pins[canonicalize_name(name)] = version
+    return pins
+
+
+def test_constraints_pin_every_package_the_tests_run_with():
+    """constraints.txt is the lock the image, .ci/run and the README install with: every package the tests run with
+    (requirements-dev.txt and all it pulls in, as installed here) at the version installed here. torch is left to
+    requirements.txt, since its CPU build comes from PyTorch's index or a wheel folder."""
+    from importlib import metadata
+
+    pins = constraint_pins()
+    installed = {}
+    for name in requirement_closure("requirements-dev.txt") - {"torch"}:
+        try:
+            installed[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    differ = {name: (pins.get(name), version) for name, version in installed.items() if pins.get(name) != version}
+    assert not differ, f"constraints.txt is out of date (pinned, installed): {differ}"
+    assert "torch" not in pins
+
+
+def test_every_install_takes_the_constraints(stages):
+    installs = [argv for argv in pip_installs(stages) if "-r" in argv]
+    assert len(installs) == 2, installs  # the server's requirements, then Ray's
+    assert all(argv[argv.index("-c") + 1] == "/tmp/constraints.txt" for argv in installs if "-c" in argv), installs
+    assert all("-c" in argv for argv in installs), "an image install without the constraints takes PyPI's newest"
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert re.search(r"install --quiet -r requirements-dev\.txt -c constraints\.txt", ci)
+    readme = (ROOT / "README.md").read_text()
+    commands = re.findall(r"pip install -r [^`\n]*", readme)
+    assert commands and all("-c constraints.txt" in command for command in commands), commands
+
+
 def imported_packages(entry_scripts: list[str], context: set[str]) -> dict[str, str]:
     """Top-level third-party modules the entry scripts import, directly or through the app's own modules."""
     import ast
@@ -366,7 +410,7 @@ def test_build_context_keeps_keys_and_tests_out(tmp_path):
 def test_build_context_has_the_server(final):
     context = build_context(ROOT)
     assert {"model.py", "embedding_server/operations/settings.py", "embedding_server/engine/export_cache.py",
-            "pyproject.toml", "requirements.txt"} <= context
+            "pyproject.toml", "requirements.txt", "constraints.txt"} <= context
     assert not [p for p in context if p.startswith(("tests/", ".git/", "bench/", "k8s/"))]
 
 
