@@ -12,10 +12,11 @@ one V1 request, one `/embedding` request (ID map) and one `GET /health` (the HTT
 server over one kept-alive connection. The kinds take turns every `--chunk` texts (20), so that the model and the
 servers get the same share of a busy machine's noise, while each runs a few calls in a row: an OpenVINO instance
 that has just run keeps its threads spinning for a while, and a call of another instance right after it pays for
-that. The ratio server p50 / model-alone p50 is taken per round and its median over rounds reported,
-with the model time the server itself reports (x-compute-time), which tells the time around the model from a model
-call that runs slower in the server (its cores idle between one client's requests) than back to back. `--baseline-cmd` starts a second server (another checkout, say) and interleaves it the same way, so
-that before and after are measured in one run. See bench/README.md ("Single-text latency").
+that. The ratio server p50 / model-alone p50 is taken per round and its median over rounds reported, with the
+model time the server itself reports (x-compute-time), which tells the time around the model from a model call that
+runs slower in the server (its cores idle between one client's requests) than back to back. `--baseline-cmd` starts
+a second server (another checkout, say) and interleaves it the same way, so that before and after are measured in
+one run. See bench/README.md ("Single-text latency").
 """
 from __future__ import annotations
 
