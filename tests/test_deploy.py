@@ -327,16 +327,19 @@ def test_constraints_pin_every_package_the_tests_run_with():
     """constraints.txt is the lock the image, .ci/run and the README install with: every package the tests run with
     (requirements-dev.txt and all it pulls in, as installed here) at the version installed here. torch is left to
     requirements.txt, since its CPU build comes from PyTorch's index or a wheel folder."""
+    import sysconfig
     from importlib import metadata
 
+    from packaging.utils import canonicalize_name
+
+    # What pip installed into this environment, not what sys.path finds first: `import ray` (any test that ran Ray in
+    # this process) puts the newer psutil Ray bundles ahead of the environment's.
+    site = sorted({sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]})
+    environment = {canonicalize_name(d.metadata["Name"]): d.version for d in metadata.distributions(path=site)}
+    tested = requirement_closure("requirements-dev.txt") - {"torch"}
     pins = constraint_pins()
-    installed = {}
-    for name in requirement_closure("requirements-dev.txt") - {"torch"}:
-        try:
-            installed[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            continue
-    differ = {name: (pins.get(name), version) for name, version in installed.items() if pins.get(name) != version}
+    differ = {name: (pins.get(name), version) for name, version in environment.items()
+              if name in tested and pins.get(name) != version}
     assert not differ, f"constraints.txt is out of date (pinned, installed): {differ}"
     assert "torch" not in pins
 
