@@ -24,9 +24,9 @@ COPY requirements.txt constraints.txt /tmp/
 # torch first, CPU build only: requirements.txt pins the same version, which this already satisfies, so pip never
 # fetches the PyPI wheel that pulls the CUDA libraries (nvidia-*, triton); from a wheel folder, torch alone (its
 # dependencies come from the index with requirements.txt). constraints.txt holds every other package at the version
-# the tests ran with. No bytecode yet (a third of the size): the build stage
-# compiles what the server imports. Then drop what the server never loads: C++ headers, static libraries, test
-# suites and binaries, OpenVINO's GPU and NPU plugins and the frontends of formats it never reads.
+# the tests ran with. No bytecode yet (a third of the size): the build stage compiles what the server imports. Then
+# drop what the server never loads: C++ headers, static libraries, test suites and binaries, OpenVINO's GPU and NPU
+# plugins and the frontends of formats it never reads.
 RUN if [ -n "$TORCH_FIND_LINKS" ]; then \
         pip install --no-cache-dir --no-compile --no-index --no-deps --find-links "$TORCH_FIND_LINKS" torch==2.13.0; \
     else \
